@@ -1,0 +1,1 @@
+"""Collective algorithms over point-to-point messages, and the rule that picks them."""

@@ -1,0 +1,55 @@
+"""Which algorithm runs each call, and why: a rule of size and world size.
+
+Every rank evaluates the same rule on the same fingerprint, so they agree without
+talking. The reason is recorded in the op's stats record.
+"""
+
+from __future__ import annotations
+
+SMALL_BYTES = 64 * 1024  # below this, rounds (latency) cost more than bytes (bandwidth)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:g} KiB" if n >= 1024 else f"{n} B"
+
+
+def all_reduce(nbytes: int, size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    if nbytes <= SMALL_BYTES or nbytes < size * 1024:
+        return "recursive_doubling", f"{_kib(nbytes)} <= {_kib(SMALL_BYTES)}: latency-bound, log2(p) rounds"
+    return "ring", f"{_kib(nbytes)} > {_kib(SMALL_BYTES)}: bandwidth-bound, ring reduce-scatter + all-gather"
+
+
+def all_gather(total_bytes: int, size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    if total_bytes <= SMALL_BYTES:
+        return "direct", f"{_kib(total_bytes)} gathered <= {_kib(SMALL_BYTES)}: one round to every peer"
+    return "ring", f"{_kib(total_bytes)} gathered > {_kib(SMALL_BYTES)}: bandwidth-bound ring"
+
+
+def reduce_scatter(total_bytes: int, size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    if total_bytes <= SMALL_BYTES:
+        return "direct", f"{_kib(total_bytes)} <= {_kib(SMALL_BYTES)}: one round to every peer"
+    return "ring", f"{_kib(total_bytes)} > {_kib(SMALL_BYTES)}: bandwidth-bound ring"
+
+
+def broadcast(nbytes: int, size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    return "binomial_tree", "log2(p) depth, chunks pipelined down the tree"
+
+
+def all_to_all(nbytes: int, size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    return "pairwise", "every chunk goes straight to its rank"
+
+
+def barrier(size: int) -> tuple[str, str]:
+    if size == 1:
+        return "local", "world size 1"
+    return "dissemination", "ceil(log2 p) rounds of empty messages"

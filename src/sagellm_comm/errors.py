@@ -1,0 +1,82 @@
+"""Typed errors: every failure a caller can see is a `CommError` subclass.
+
+Messages name the rank, the op and, where there is one, the fix. Low-level
+errors (socket resets, decode failures) are mapped into these types at the
+transport and wire boundaries so that no `OSError` or `msgspec` error leaks out.
+"""
+
+from __future__ import annotations
+
+
+class CommError(Exception):
+    """Base class of every error sagellm-comm raises on purpose."""
+
+
+class PeerLost(CommError):
+    """A peer process died, closed its communicator, or stopped answering heartbeats."""
+
+    def __init__(self, message: str, *, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class CommTimeout(CommError, TimeoutError):
+    """A `timeout=` given to init or to an op expired before it completed."""
+
+
+class CollectiveMismatch(CommError):
+    """Ranks disagree on a collective's kind, dtype, shape, root or op.
+
+    Raised on every rank of the group; the message names both sides. The group is
+    broken afterwards (some ranks may have moved data already): rebuild it.
+    """
+
+
+class CollectiveAborted(CommError):
+    """A collective was cancelled or failed on some rank; the group must be rebuilt."""
+
+
+class TransferCancelled(CommError):
+    """The other side cancelled a point-to-point message before all of it was sent."""
+
+
+class ProtocolError(CommError):
+    """A peer sent bytes that are not a valid frame (bad magic, oversized, undecodable)."""
+
+
+class AuthError(CommError):
+    """A handshake failed: wrong or missing token, or a peer from another group."""
+
+
+class CommClosed(CommError):
+    """The communicator was closed (or aborted) and cannot run new ops."""
+
+
+class InvalidArgument(CommError, ValueError):
+    """A caller passed a bad argument: rank out of range, unknown op, bad shape."""
+
+
+class UnsupportedBuffer(CommError, TypeError):
+    """A buffer's type, dtype, device or layout is not supported for this op."""
+
+
+class MessageMismatch(CommError, ValueError):
+    """A point-to-point message does not fit the buffer posted to receive it.
+
+    The message is kept: a later `recv` with a buffer of the right size gets it.
+    """
+
+
+__all__ = [
+    "CollectiveAborted",
+    "CollectiveMismatch",
+    "CommClosed",
+    "CommError",
+    "CommTimeout",
+    "InvalidArgument",
+    "MessageMismatch",
+    "PeerLost",
+    "ProtocolError",
+    "TransferCancelled",
+    "UnsupportedBuffer",
+]

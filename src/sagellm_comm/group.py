@@ -1,0 +1,363 @@
+"""`Communicator`: the public face of a group of ranks.
+
+Every op is an ordinary coroutine running in the caller's task, so cancelling
+the caller (a task group, `fail_after`) cancels the op. A collective's failure
+of any kind breaks its group on every rank (peers are told); a p2p failure ends
+that message only. Buffers are the caller's: ops write results in place where
+the API says so and never keep a reference after they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+
+from .buffers import Buffer, as_buffer, check_op, empty_like, view_elements
+from .collectives import direct, doubling, ring, select, tree
+from .collectives.context import OpContext
+from .errors import (
+    CollectiveMismatch,
+    CommClosed,
+    CommError,
+    CommTimeout,
+    InvalidArgument,
+    PeerLost,
+)
+from .scheduler.engine import Engine
+from .scheduler.ordering import GroupState, aborted
+from .stats import OpRecord, Stats
+from .wire import Fingerprint
+
+T = TypeVar("T")
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+class Communicator:
+    """A group of ranks that run collectives and exchange messages together.
+
+    `rank` and `world_size` are this group's (a `split` renumbers ranks from 0).
+    """
+
+    def __init__(self, engine: Engine, group: GroupState, *, timeout: float | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, transport: str = "?",
+                 owns_engine: bool = False) -> None:
+        self._engine = engine
+        self._group = group
+        self._timeout = timeout
+        self._chunk_bytes = chunk_bytes
+        self._owns_engine = owns_engine
+        self._splits: dict[tuple[int, ...], int] = {}
+        self._closed: CommClosed | None = None
+        self.transport = transport
+        self.stats = Stats()
+        self.before_op: Callable[[str], None] | None = None  # fault injection (sagellm_comm.testing)
+        engine.groups[group.group_id] = group
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._group.size
+
+    @property
+    def group_id(self) -> str:
+        return self._group.group_id
+
+    @property
+    def global_ranks(self) -> list[int]:
+        """The world ranks of this group's members, in group-rank order."""
+        return list(self._group.members)
+
+    def __repr__(self) -> str:
+        return f"<Communicator group={self.group_id!r} rank={self.rank}/{self.world_size} transport={self.transport}>"
+
+    # -- collectives -----------------------------------------------------------------------
+    async def all_reduce(self, tensor: T, op: str = "sum", *, timeout: float | None = None) -> T:
+        """Reduce `tensor` across ranks, in place; returns `tensor`.
+
+        op: sum, prod, min, max, avg (floating dtypes only), band, bor, bxor (integers, bool).
+        Every rank ends with bitwise-identical results.
+        """
+        buf = as_buffer(tensor)
+        check_op(op, buf.dtype)
+        algo, why = select.all_reduce(buf.nbytes, self.world_size)
+
+        async def body(ctx: OpContext) -> None:
+            if algo == "ring":
+                await ring.all_reduce(ctx, buf, op)
+            else:
+                await doubling.all_reduce(ctx, buf, op)
+
+        await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout)
+        return tensor
+
+    async def all_gather(self, tensor: T, *, timeout: float | None = None) -> T:
+        """A new array/tensor of shape (world_size, *tensor.shape): row i is rank i's input."""
+        buf = as_buffer(tensor, writable=False)
+        out = empty_like(buf, (self.world_size, *buf.shape))
+        out.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
+        algo, why = select.all_gather(out.nbytes, self.world_size)
+
+        async def body(ctx: OpContext) -> None:
+            await (ring.all_gather(ctx, out) if algo == "ring" else direct.all_gather(ctx, out))
+
+        await self._collective("all_gather", buf, body, algo, why, timeout=timeout)
+        return out.obj  # type: ignore[no-any-return]
+
+    async def reduce_scatter(self, tensor: T, op: str = "sum", *, timeout: float | None = None) -> T:
+        """Split dim 0 into world_size equal chunks; return this rank's chunk reduced over ranks.
+
+        `tensor` is not modified.
+        """
+        buf = as_buffer(tensor, writable=False)
+        check_op(op, buf.dtype)
+        n = self.world_size
+        if not buf.shape or buf.shape[0] % n:
+            raise InvalidArgument(f"reduce_scatter needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
+        rows = buf.shape[0] // n
+        out = empty_like(buf, (rows, *buf.shape[1:]))
+        algo, why = select.reduce_scatter(buf.nbytes, n)
+
+        async def body(ctx: OpContext) -> None:
+            if algo == "ring":
+                raw = ctx.scratch(buf.nbytes)
+                raw[:] = buf.raw
+                work = Buffer(None, buf.dtype, buf.shape, view_elements(raw, buf.dtype), raw)
+                await ring.reduce_scatter_inplace(ctx, work, op, then_gather=False)
+                out.raw[:] = work.raw[self.rank * out.nbytes : (self.rank + 1) * out.nbytes]
+            else:
+                await direct.reduce_scatter(ctx, buf, out, op)
+
+        if n == 1:
+            out.raw[:] = buf.raw
+        await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout)
+        return out.obj  # type: ignore[no-any-return]
+
+    async def broadcast(self, tensor: T, root: int = 0, *, timeout: float | None = None) -> T:
+        """Copy root's `tensor` into every rank's `tensor`, in place; returns `tensor`."""
+        buf = as_buffer(tensor)
+        self._check_rank(root, "root")
+        algo, why = select.broadcast(buf.nbytes, self.world_size)
+        await self._collective("broadcast", buf, lambda ctx: tree.broadcast(ctx, buf, root),
+                               algo, why, root=root, timeout=timeout)
+        return tensor
+
+    async def all_to_all(self, tensor: T, *, timeout: float | None = None) -> T:
+        """Split dim 0 into world_size chunks; chunk i goes to rank i. Returns a new array/tensor
+        whose chunk j came from rank j."""
+        buf = as_buffer(tensor, writable=False)
+        n = self.world_size
+        if not buf.shape or buf.shape[0] % n:
+            raise InvalidArgument(f"all_to_all needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
+        out = empty_like(buf, buf.shape)
+        if n == 1:
+            out.raw[:] = buf.raw
+        algo, why = select.all_to_all(buf.nbytes, n)
+        await self._collective("all_to_all", buf, lambda ctx: direct.all_to_all(ctx, buf, out),
+                               algo, why, timeout=timeout)
+        return out.obj  # type: ignore[no-any-return]
+
+    async def barrier(self, *, timeout: float | None = None) -> None:
+        """Return once every rank of the group has entered the barrier."""
+        algo, why = select.barrier(self.world_size)
+        await self._collective("barrier", None, direct.barrier, algo, why, timeout=timeout)
+
+    # -- point to point ----------------------------------------------------------------------
+    async def send(self, tensor: Any, dst: int, tag: int = 0, *, timeout: float | None = None) -> None:
+        """Send `tensor` to group rank `dst`; returns once it is handed to the transport.
+
+        Messages to one destination with one tag arrive in send order. Cancelled
+        part-way, the receiver's matching `recv` raises `TransferCancelled`.
+        """
+        buf = as_buffer(tensor, writable=False)
+        self._check_p2p(dst, tag, "dst", "send")
+        fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
+        rec = self._record("send", buf.nbytes, "direct", "point to point")
+        try:
+            with self._deadline(timeout, f"send to rank {dst} (tag {tag})"):
+                await self._engine.send(self._group.members[dst], (self.group_id, -1, tag), buf.raw, fp)
+        except BaseException as e:
+            self._done(rec, e)
+            raise
+        self._done(rec, None)
+
+    async def recv(self, tensor: T, src: int, tag: int = 0, *, timeout: float | None = None) -> T:
+        """Receive the next message from group rank `src` with `tag` into `tensor`, in place.
+
+        Cancelling (or timing out) ends this receive only; the message, if it comes,
+        waits for the next `recv`.
+        """
+        buf = as_buffer(tensor)
+        self._check_p2p(src, tag, "src", "recv")
+        fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
+        rec = self._record("recv", buf.nbytes, "direct", "point to point")
+        posted = self._engine.post(self._group.members[src], (self.group_id, -1, tag), buf.raw, fp)
+        try:
+            with self._deadline(timeout, f"recv from rank {src} (tag {tag})"):
+                await posted.wait()
+        except BaseException as e:
+            self._engine.cancel(posted)
+            self._done(rec, e)
+            raise
+        self._done(rec, None)
+        return tensor
+
+    # -- groups ------------------------------------------------------------------------------
+    def split(self, ranks: Sequence[int]) -> Communicator | None:
+        """A sub-group of these ranks (renumbered 0.. in the order given); None on non-members.
+
+        Purely local: no messages. Members must call `split` with the same ranks in
+        the same order relative to their other splits. Works on a broken group, so
+        survivors can rebuild after a failure.
+        """
+        ranks = [int(r) for r in ranks]
+        if not ranks or len(set(ranks)) != len(ranks):
+            raise InvalidArgument(f"split needs distinct ranks, got {ranks}")
+        for r in ranks:
+            self._check_rank(r, "split rank")
+        key = tuple(ranks)
+        nth = self._splits.get(key, 0)
+        self._splits[key] = nth + 1
+        if self.rank not in ranks:
+            return None
+        gid = f"{self.group_id}/{','.join(map(str, ranks))}#{nth}"
+        g = GroupState(gid, [self._group.members[r] for r in ranks], ranks.index(self.rank))
+        sub = Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
+                           transport=self.transport)
+        for m in g.members:
+            peer = self._engine.peers.get(m)
+            if peer is not None and peer.error is not None:
+                g.break_(PeerLost(f"rank {g.members.index(m)} of group {gid!r} is gone: {peer.error}"))
+        return sub
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None or self._engine.closed is not None
+
+    async def aclose(self) -> None:
+        """Close this communicator; for the world communicator, say goodbye to every peer."""
+        if self._closed is None:
+            self._closed = CommClosed(f"communicator {self.group_id!r} is closed")
+            self._group.break_(self._closed)
+        if self._owns_engine:
+            await self._engine.close()
+
+    def abort(self) -> None:
+        """Drop every connection at once (world communicator) without goodbyes."""
+        self._closed = self._closed or CommClosed(f"communicator {self.group_id!r} was aborted")
+        if self._owns_engine:
+            self._engine.abort(self._closed)
+        else:
+            self._group.break_(self._closed)
+
+    async def __aenter__(self) -> Communicator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_open(self, op: str = "") -> None:
+        if self.before_op is not None and op:
+            self.before_op(op)
+        if self._closed is not None:
+            raise CommClosed(f"{self._closed}; create a new one")
+        self._engine.raise_if_closed()
+
+    def _check_rank(self, r: int, what: str) -> None:
+        if not isinstance(r, int) or not 0 <= r < self.world_size:
+            raise InvalidArgument(f"{what} {r!r} is out of range for a group of {self.world_size} ranks")
+
+    def _check_p2p(self, peer: int, tag: int, what: str, op: str) -> None:
+        self._check_open(op)
+        self._check_rank(peer, what)
+        if peer == self.rank:
+            raise InvalidArgument(f"{what} {peer} is this rank; point-to-point needs another rank")
+        if not isinstance(tag, int) or tag < 0:
+            raise InvalidArgument(f"tag must be a non-negative int, got {tag!r}")
+
+    def _deadline(self, timeout: float | None, what: str) -> Any:
+        limit = timeout if timeout is not None else self._timeout
+        return _Deadline(limit, f"{what} on rank {self.rank} of group {self.group_id!r}")
+
+    def _record(self, op: str, nbytes: int, algo: str, why: str, seq: int = -1) -> OpRecord:
+        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, anyio.current_time())
+
+    def _done(self, rec: OpRecord, error: BaseException | None) -> None:
+        rec.finished = anyio.current_time()
+        rec.ok = error is None
+        rec.error = "" if error is None else f"{type(error).__name__}: {error}"
+        self.stats.add(rec)
+
+    async def _collective(self, kind: str, buf: Buffer | None, body: Callable[[OpContext], Awaitable[None]],
+                          algo: str, why: str, *, root: int = -1, op: str = "",
+                          timeout: float | None) -> None:
+        self._check_open(kind)
+        g = self._group
+        fp = g.begin(kind, buf.dtype.name if buf else "", buf.shape if buf else (), root, op)
+        rec = self._record(kind, buf.nbytes if buf else 0, algo, why, fp.seq)
+        ctx = OpContext(self._engine, g, fp, self._chunk_bytes)
+        limit = timeout if timeout is not None else self._timeout
+        try:
+            self._check_early_frames(fp)
+            if g.size > 1:
+                with _Deadline(limit, f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
+                    await body(ctx)
+        except CommTimeout as e:
+            self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"it timed out ({e})"), notify=True)
+            self._done(rec, e)
+            raise
+        except CommError as e:
+            cause = ("mismatch" if isinstance(e, CollectiveMismatch)
+                     else "peer_lost" if isinstance(e, PeerLost) else "aborted")
+            self._engine.fail_group(g, e, notify=True, cause=cause, peer=getattr(e, "peer", None) or -1)
+            self._done(rec, e)
+            raise
+        except BaseException as e:
+            self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"cancelled ({type(e).__name__})"),
+                                    notify=True)
+            self._done(rec, e)
+            raise
+        finally:
+            ctx.finish()
+            g.end(fp)
+        self._done(rec, None)
+
+    def _check_early_frames(self, fp: Fingerprint) -> None:
+        """Compare our fingerprint with those of frames that arrived before this op began."""
+        g = self._group
+        for (src, ch), q in self._engine.matcher.unexpected.items():
+            if ch[0] == g.group_id and ch[1] == fp.seq:
+                for msg in q:
+                    if msg.fp is not None and msg.fp != fp:
+                        raise g.mismatch_error(fp, msg.fp, g.members.index(src))
+
+
+class _Deadline:
+    """`fail_after` that raises CommTimeout naming the op (None: no limit)."""
+
+    def __init__(self, seconds: float | None, what: str) -> None:
+        self._seconds = seconds
+        self._what = what
+        self._scope: anyio.CancelScope | None = None
+
+    def __enter__(self) -> _Deadline:
+        if self._seconds is not None:
+            self._scope = anyio.move_on_after(self._seconds)
+            self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self._scope is None:
+            return False
+        swallowed = self._scope.__exit__(*exc)
+        if self._scope.cancelled_caught:
+            raise CommTimeout(f"{self._what} did not complete within {self._seconds:g} s")
+        return bool(swallowed)

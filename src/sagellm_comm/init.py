@@ -1,0 +1,1 @@
+async def init_process_group(*a, **k): raise NotImplementedError

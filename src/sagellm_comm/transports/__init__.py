@@ -1,0 +1,45 @@
+"""Transports by URL scheme: `inproc://`, `tcp://`; more register through `register`.
+
+Third-party transports can also be exposed through the `sagellm_comm.transports`
+entry-point group; they are loaded the first time an unknown scheme is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from ..errors import InvalidArgument
+from .base import Connection, Listener, Transport
+from .inproc import InprocTransport
+from .tcp import TcpTransport
+
+_REGISTRY: dict[str, Callable[[], Transport]] = {
+    "tcp": TcpTransport,
+    "inproc": InprocTransport,
+}
+
+
+def register(scheme: str, factory: Callable[[], Transport]) -> None:
+    """Make `scheme://` addresses use transports built by `factory`."""
+    _REGISTRY[scheme] = factory
+
+
+def get_transport(scheme: str) -> Transport:
+    if scheme not in _REGISTRY:
+        for ep in entry_points(group="sagellm_comm.transports"):
+            if ep.name == scheme:
+                _REGISTRY[scheme] = ep.load()
+    try:
+        return _REGISTRY[scheme]()
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown transport {scheme!r}; known: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+__all__ = ["Connection", "Listener", "Transport", "available", "get_transport", "register"]

@@ -1,0 +1,161 @@
+"""The transport interface: connections that move frames of bytes, nothing more.
+
+A transport implements two primitives, `_send_parts` (write all these bytes) and
+`_recv_some` (read at least one byte into this view). Everything shared lives here
+once: frame writes serialized per connection and finished even when the writer is
+cancelled (a half-written frame would corrupt the stream for every later op), and a
+small read-ahead buffer so that headers cost one syscall while large payloads are
+read straight into the caller's memory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import anyio
+
+from ..errors import PeerLost
+
+Bytes = bytes | bytearray | memoryview
+
+READ_AHEAD = 256 * 1024
+DIRECT_READ_MIN = 32 * 1024  # views at least this large bypass the read-ahead buffer
+
+
+class Connection(ABC):
+    """A reliable, ordered byte stream to one peer, written in whole frames."""
+
+    transport: str = "?"
+
+    def __init__(self) -> None:
+        self._send_lock = anyio.Lock()
+        self._rbuf = bytearray(READ_AHEAD)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0
+        self._rend = 0
+        self.peer: int = -1
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.last_send = anyio.current_time()
+        self.last_receive = self.last_send
+
+    # -- what a transport implements -------------------------------------------------
+    @abstractmethod
+    async def _send_parts(self, parts: list[memoryview]) -> None:
+        """Write every byte of `parts`, in order; raise PeerLost if the stream broke."""
+
+    @abstractmethod
+    async def _recv_some(self, view: memoryview) -> int:
+        """Read 1..len(view) bytes into `view`; raise PeerLost at end of stream."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Close at once, without a goodbye; pending reads and writes fail with PeerLost."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close after flushing what was written."""
+
+    def describe(self) -> str:
+        return self.transport
+
+    # -- shared ----------------------------------------------------------------------
+    async def send_frame(self, head: Bytes, payload: Bytes | None = None) -> None:
+        """Write one frame (prefix+header, then payload) atomically with respect to other frames.
+
+        Waiting for the connection is cancellable; once the first byte is out, the
+        frame is finished even if the caller is cancelled, since a torn frame would
+        break the stream. A frozen peer cannot hold it forever: the heartbeat
+        watchdog aborts the connection, which fails the write.
+        """
+        parts = [memoryview(head).cast("B")]
+        if payload is not None and len(payload):
+            parts.append(memoryview(payload).cast("B"))
+        nbytes = sum(len(p) for p in parts)
+        async with self._send_lock:
+            with anyio.CancelScope(shield=True):
+                await self._send_parts(parts)
+        self.bytes_sent += nbytes
+        self.last_send = anyio.current_time()
+
+    @property
+    def sending(self) -> bool:
+        return self._send_lock.locked()
+
+    def _buffered(self) -> int:
+        return self._rend - self._rstart
+
+    async def _fill(self, need: int) -> None:
+        """Ensure at least `need` bytes (<= READ_AHEAD) sit in the read-ahead buffer."""
+        if self._rstart + need > len(self._rbuf):
+            n = self._buffered()
+            self._rview[:n] = self._rview[self._rstart : self._rend]
+            self._rstart, self._rend = 0, n
+        while self._buffered() < need:
+            got = await self._recv_some(self._rview[self._rend :])
+            self._rend += got
+            self.bytes_received += got
+            self.last_receive = anyio.current_time()
+
+    async def recv_exactly(self, n: int) -> bytes:
+        """The next `n` bytes of the stream (n <= READ_AHEAD); for prefixes and headers."""
+        await self._fill(n)
+        out = bytes(self._rview[self._rstart : self._rstart + n])
+        self._rstart += n
+        return out
+
+    async def recv_some_into(self, view: memoryview) -> int:
+        """Read 1..len(view) bytes into `view`, from the read-ahead buffer first."""
+        avail = self._buffered()
+        if avail:
+            n = min(avail, len(view))
+            view[:n] = self._rview[self._rstart : self._rstart + n]
+            self._rstart += n
+            return n
+        if len(view) >= DIRECT_READ_MIN:
+            got = await self._recv_some(view)
+            self.bytes_received += got
+            self.last_receive = anyio.current_time()
+            return got
+        self._rstart = self._rend = 0
+        await self._fill(1)
+        return await self.recv_some_into(view)
+
+    async def recv_into(self, view: memoryview) -> None:
+        """Fill all of `view` from the stream."""
+        done = 0
+        while done < len(view):
+            done += await self.recv_some_into(view[done:])
+
+
+class Listener(ABC):
+    """Accepts connections for one rank; `address` is what peers pass to `connect`."""
+
+    address: str
+
+    @abstractmethod
+    async def accept(self) -> Connection: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Transport(ABC):
+    """A way to reach peers, named by a URL scheme (`tcp`, `inproc`, ...)."""
+
+    scheme: str
+
+    @abstractmethod
+    async def listen(self, host: str) -> Listener: ...
+
+    @abstractmethod
+    async def connect(self, address: str) -> Connection: ...
+
+
+def lost(peer_desc: str, why: str, peer: int | None = None) -> PeerLost:
+    return PeerLost(f"connection to {peer_desc} lost: {why}", peer=peer)
+
+
+def as_views(parts: Sequence[Bytes]) -> list[memoryview]:
+    return [memoryview(p).cast("B") for p in parts]

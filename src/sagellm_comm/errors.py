@@ -7,6 +7,9 @@ transport and wire boundaries so that no `OSError` or `msgspec` error leaks out.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CommError(Exception):
     """Base class of every error sagellm-comm raises on purpose."""
@@ -65,6 +68,34 @@ class MessageMismatch(CommError, ValueError):
 
     The message is kept: a later `recv` with a buffer of the right size gets it.
     """
+
+
+@contextmanager
+def unwrap_group_errors() -> Iterator[None]:
+    """Re-raise the first CommError of an ExceptionGroup from an internal task group.
+
+    Our own task groups are implementation details: callers should see the typed
+    error (PeerLost, AuthError, ...) rather than a group wrapping it.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        flat: list[BaseException] = []
+
+        def walk(e: BaseException) -> None:
+            if isinstance(e, BaseExceptionGroup):
+                for sub in e.exceptions:
+                    walk(sub)
+            else:
+                flat.append(e)
+
+        walk(eg)
+        for e in flat:
+            if isinstance(e, CommError):
+                raise e from eg
+        if len(flat) == 1:
+            raise flat[0] from eg
+        raise
 
 
 __all__ = [

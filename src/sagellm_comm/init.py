@@ -1,1 +1,213 @@
-async def init_process_group(*a, **k): raise NotImplementedError
+"""`init_process_group`: from a URL to a connected, running world communicator.
+
+Steps: resolve rank/size/master (URL, arguments, environment), open this rank's
+data listener, rendezvous to learn every rank's address, connect the full mesh
+(rank i dials every j < i and accepts every j > i, each link authenticated), and
+start the progress engine in a task group that lives as long as the `async with`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qs, urlparse
+
+import anyio
+
+from . import handshake, rendezvous, wire
+from .errors import AuthError, CommError, CommTimeout, InvalidArgument, unwrap_group_errors
+from .group import DEFAULT_CHUNK_BYTES, Communicator
+from .scheduler.engine import Engine, EngineConfig
+from .scheduler.ordering import GroupState
+from .transports.base import Connection
+from .transports.tcp import bind_listener, connect_tcp, parse_host_port
+
+DEFAULT_INIT_TIMEOUT = 300.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection has to authenticate
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def resolve(url: str, rank: int | None, world_size: int | None) -> tuple[str, int, int, int]:
+    """(master host, master port, rank, world_size) from the URL, arguments and environment."""
+    parsed = urlparse(url)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    if parsed.scheme == "env":
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port_s = os.environ.get("MASTER_PORT")
+        if port_s is None:
+            raise InvalidArgument("env:// needs MASTER_PORT (and MASTER_ADDR, RANK, WORLD_SIZE) in the environment")
+        port = int(port_s)
+    elif parsed.scheme == "tcp":
+        host, port = parse_host_port(parsed.netloc)
+    else:
+        raise InvalidArgument(f"unsupported init URL {url!r}: use tcp://host:port or env://")
+
+    def pick(arg: int | None, key: str, env: str) -> int:
+        if arg is not None:
+            return int(arg)
+        if key in query:
+            return int(query[key])
+        if env in os.environ:
+            return int(os.environ[env])
+        raise InvalidArgument(f"{key} is not given: pass {key}=, add ?{key}= to the URL or set {env}")
+
+    r = pick(rank, "rank", "RANK")
+    n = pick(world_size, "world_size", "WORLD_SIZE")
+    if n < 1 or not 0 <= r < n:
+        raise InvalidArgument(f"rank {r} is out of range for world_size {n}")
+    return host, port, r, n
+
+
+def _local_ip_towards(host: str) -> str:
+    """The address of this host on the route to `host` (loopback stays loopback)."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        target = str(infos[0][4][0])
+    except OSError:
+        return "127.0.0.1"
+    if ipaddress.ip_address(target).is_loopback:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((target, 9))  # no packet is sent: this only picks the route
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+@asynccontextmanager
+async def init_process_group(
+    url: str = "env://",
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    token: str | None = None,
+    timeout: float | None = None,
+    heartbeat_interval: float | None = None,
+    heartbeat_timeout: float | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    frame_bytes: int | None = None,
+) -> AsyncIterator[Communicator]:
+    """Join a world of `world_size` processes and yield its communicator.
+
+    url: ``tcp://host:port`` (rank 0 listens there) or ``env://`` (torchrun's
+    RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    token: shared secret every rank must present (default: SAGELLM_COMM_TOKEN, else empty).
+    timeout: seconds for the whole init, and every op's default limit (CommTimeout);
+    None waits up to 300 s for init and forever for ops.
+    heartbeat_*: seconds (SAGELLM_COMM_HEARTBEAT_INTERVAL / _TIMEOUT); a peer silent for
+    heartbeat_timeout is lost.
+    """
+    host, port, r, n = resolve(url, rank, world_size)
+    secret = token if token is not None else os.environ.get("SAGELLM_COMM_TOKEN", "")
+    config = EngineConfig(
+        heartbeat_interval=heartbeat_interval or _env_float("SAGELLM_COMM_HEARTBEAT_INTERVAL", 1.0),
+        heartbeat_timeout=heartbeat_timeout or _env_float("SAGELLM_COMM_HEARTBEAT_TIMEOUT", 10.0),
+    )
+    if frame_bytes:
+        config.frame_bytes = frame_bytes
+    deadline = anyio.current_time() + (timeout if timeout is not None else DEFAULT_INIT_TIMEOUT)
+
+    listener = bind_listener(_resolve_host(host) if r == 0 else _local_ip_towards(host))
+    conns: dict[int, Connection] = {}
+    try:
+        if n == 1:
+            table = rendezvous.RendezvousResult("solo", [listener.address])
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and url.startswith("env"):
+            table = await rendezvous.via_torch_store(host, port, rank=r, world_size=n,
+                                                     my_address=listener.address,
+                                                     timeout=max(1.0, deadline - anyio.current_time()))
+        elif r == 0:
+            table = await rendezvous.serve(_resolve_host(host), port, world_size=n, token=secret,
+                                           my_address=listener.address, deadline=deadline)
+        else:
+            table = await rendezvous.join(host, port, rank=r, world_size=n, token=secret,
+                                          my_address=listener.address, deadline=deadline)
+        conns = await _connect_mesh(listener, table, r, n, secret, deadline)
+    except BaseException:
+        for c in conns.values():
+            c.abort()
+        raise
+    finally:
+        await listener.aclose()
+
+    engine = Engine(r, n, conns, config)
+    async with anyio.create_task_group() as tg:
+        engine.start(tg)
+        comm = Communicator(engine, GroupState("world", list(range(n)), r), timeout=timeout,
+                            chunk_bytes=chunk_bytes, transport="tcp", owns_engine=True)
+        try:
+            yield comm
+        finally:
+            with anyio.CancelScope(shield=True):
+                await comm.aclose()
+            tg.cancel_scope.cancel()
+
+
+def _resolve_host(host: str) -> str:
+    try:
+        return str(socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    except OSError:
+        return host
+
+
+async def _connect_mesh(listener: object, table: rendezvous.RendezvousResult, rank: int, n: int,
+                        token: str, deadline: float) -> dict[int, Connection]:
+    """Dial every lower rank, accept every higher one; every link authenticated."""
+    from .transports.tcp import TcpListener
+
+    assert isinstance(listener, TcpListener)
+    conns: dict[int, Connection] = {}
+    expected = set(range(rank + 1, n))
+
+    async def dial(peer: int) -> None:
+        conn = await connect_tcp(table.addresses[peer], deadline=deadline)
+        welcome = await handshake.connect(conn, token=token, world_id=table.world_id, rank=rank, world_size=n)
+        if welcome.rank != peer:
+            conn.abort()
+            raise AuthError(f"rank {rank} dialed rank {peer} at {table.addresses[peer]} but reached rank {welcome.rank}")
+        conns[peer] = conn
+
+    async def accept_all() -> None:
+        while expected:
+            conn = await listener.accept()
+            hello = None
+            with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+                try:
+                    hello = await handshake.accept(conn, token=token, world_id=table.world_id, world_size=n)
+                except CommError:
+                    pass  # rejected (wrong token, other world): keep serving the real peers
+            if hello is None:
+                conn.abort()
+                continue
+            if hello.rank not in expected:
+                await handshake.reject(conn, f"rank {rank} expects connections from ranks {sorted(expected)}, "
+                                             f"not {hello.rank}")
+                continue
+            await conn.send_frame(wire.encode(wire.Welcome(rank)))
+            expected.discard(hello.rank)
+            conns[hello.rank] = conn
+
+    try:
+        with anyio.fail_after(max(0.0, deadline - anyio.current_time())), unwrap_group_errors():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(accept_all)
+                for peer in range(rank):
+                    tg.start_soon(dial, peer)
+    except TimeoutError:
+        missing = sorted(set(range(n)) - set(conns) - {rank})
+        for c in conns.values():
+            c.abort()
+        raise CommTimeout(f"rank {rank} could not connect to ranks {missing} before the init timeout") from None
+    except BaseException:
+        for c in conns.values():
+            c.abort()
+        raise
+    return conns

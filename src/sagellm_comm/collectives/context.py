@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from ..errors import unwrap_group_errors
 from ..scheduler.engine import Engine
 from ..scheduler.matching import Recv
 from ..scheduler.ordering import GroupState
@@ -71,10 +72,11 @@ class OpContext:
                 async for dst, tag, raw in rx:
                     await self.send(dst, tag, raw)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            with tx:
-                yield lambda dst, tag, raw: tx.send_nowait((dst, tag, raw))
+        with unwrap_group_errors():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                with tx:
+                    yield lambda dst, tag, raw: tx.send_nowait((dst, tag, raw))
 
 
 def spans(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:

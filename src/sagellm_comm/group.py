@@ -54,7 +54,7 @@ class Communicator:
         self.transport = transport
         self.stats = Stats()
         self.before_op: Callable[[str], None] | None = None  # fault injection (sagellm_comm.testing)
-        engine.groups[group.group_id] = group
+        engine.register_group(group)
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -228,13 +228,8 @@ class Communicator:
             return None
         gid = f"{self.group_id}/{','.join(map(str, ranks))}#{nth}"
         g = GroupState(gid, [self._group.members[r] for r in ranks], ranks.index(self.rank))
-        sub = Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
-                           transport=self.transport)
-        for m in g.members:
-            peer = self._engine.peers.get(m)
-            if peer is not None and peer.error is not None:
-                g.break_(PeerLost(f"rank {g.members.index(m)} of group {gid!r} is gone: {peer.error}"))
-        return sub
+        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
+                            transport=self.transport)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -315,6 +310,12 @@ class Communicator:
             self._done(rec, e)
             raise
         except CommError as e:
+            first = g.broken
+            if first is not None and first is not e:
+                # the group broke first (a peer's Abort, a mismatch seen by the reader);
+                # what we hit after that (a send to a rank that has left) is a symptom
+                self._done(rec, first)
+                raise type(first)(str(first)) from e
             cause = ("mismatch" if isinstance(e, CollectiveMismatch)
                      else "peer_lost" if isinstance(e, PeerLost) else "aborted")
             self._engine.fail_group(g, e, notify=True, cause=cause, peer=getattr(e, "peer", None) or -1)

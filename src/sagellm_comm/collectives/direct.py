@@ -54,10 +54,16 @@ async def all_to_all(ctx: OpContext, inp: Buffer, out: Buffer) -> None:
         await recv.wait()
 
 
-async def barrier(ctx: OpContext) -> None:
+async def barrier(ctx: OpContext, tag0: int = 0) -> None:
+    """Dissemination: round k sends to rank+2^k and hears from rank-2^k.
+
+    After the last round every rank has heard, transitively, from every other
+    rank, and every frame carried the op's fingerprint: so a barrier also
+    proves that all ranks agree on the op it is part of.
+    """
     w, r = ctx.size, ctx.rank
     empty = memoryview(b"")
-    dist, rnd = 1, 0
+    dist, rnd = 1, tag0
     while dist < w:
         recv = ctx.post((r - dist) % w, rnd, memoryview(bytearray(0)))
         await ctx.send((r + dist) % w, rnd, empty)

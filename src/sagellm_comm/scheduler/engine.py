@@ -97,6 +97,9 @@ class Engine:
         self._sink = memoryview(bytearray(256 * 1024))
         self._claimed: dict[int, Unexpected] = {}  # id(Recv) -> the unexpected it waits on
         self._streaming: dict[int, Incoming] = {}  # id(Recv) -> the message streaming into it
+        self._early_aborts: dict[str, tuple[Peer, Abort]] = {}  # for groups not created here yet
+        self._controls = 0  # control frames (Abort, Cancel) queued but not yet written
+        self._controls_idle = anyio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, tg: TaskGroup) -> None:
@@ -114,6 +117,8 @@ class Engine:
         self._fail_everything(self.closed)
         bye = wire.encode(Bye("closing"))
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.close_timeout):
+            while self._controls:  # an Abort must reach peers before our Bye does
+                await self._controls_idle.wait()
             for peer in self.peers.values():
                 if peer.alive:
                     try:
@@ -180,17 +185,28 @@ class Engine:
             raise PeerLost(str(peer.error), peer=dst) from None
         except BaseException:
             if 0 < offset < total and peer.alive:
-                self._spawn(self._send_control, peer, Cancel(mid, "sender cancelled"))
+                self._spawn_control(peer, Cancel(mid, "sender cancelled"))
             raise
 
-    async def _send_control(self, peer: Peer, msg: wire.Message) -> None:
-        if not peer.alive:
+    def _spawn_control(self, peer: Peer, msg: wire.Message) -> None:
+        """Send a control frame in the background; `close` flushes these before its Bye."""
+        if self._tg is None or not peer.alive:
             return
+        self._controls += 1
+        self._tg.start_soon(self._send_control, peer, msg)
+
+    async def _send_control(self, peer: Peer, msg: wire.Message) -> None:
         try:
-            with anyio.move_on_after(self.config.heartbeat_timeout):
-                await peer.conn.send_frame(wire.encode(msg))
+            if peer.alive:
+                with anyio.move_on_after(self.config.heartbeat_timeout):
+                    await peer.conn.send_frame(wire.encode(msg))
         except PeerLost as e:
             self.lose_peer(peer, str(e))
+        finally:
+            self._controls -= 1
+            if not self._controls:
+                self._controls_idle.set()
+                self._controls_idle = anyio.Event()
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         if self._tg is not None:
@@ -318,12 +334,7 @@ class Engine:
                 self.pool.release(t.block)
                 claimer.complete()
             elif self._stale(t.channel):
-                q = self.matcher.unexpected.get((t.src, t.channel))
-                if q is not None and t in q:
-                    q.remove(t)
-                    if not q:
-                        del self.matcher.unexpected[(t.src, t.channel)]
-                self.pool.release(t.block)
+                self.matcher.remove_unexpected(t)
 
     def _stale(self, channel: Channel) -> bool:
         if channel[1] < 0:
@@ -411,17 +422,21 @@ class Engine:
             if t.claimed_by is not None:
                 self._claimed.pop(id(t.claimed_by), None)
                 t.claimed_by.fail(err)
+                self.pool.release(t.block)
             else:
-                q = self.matcher.unexpected.get((t.src, t.channel))
-                if q is not None and t in q:
-                    q.remove(t)
-                    if not q:
-                        del self.matcher.unexpected[(t.src, t.channel)]
-            self.pool.release(t.block)
+                self.matcher.remove_unexpected(t)
+
+    def register_group(self, g: GroupState) -> None:
+        """Start tracking group `g`; an Abort that arrived before it existed here applies now."""
+        self.groups[g.group_id] = g
+        early = self._early_aborts.pop(g.group_id, None)
+        if early is not None:
+            self._on_abort(*early)
 
     def _on_abort(self, peer: Peer, a: Abort) -> None:
         g = self.groups.get(a.group)
-        if g is None:
+        if g is None:  # a peer got ahead of us: remember, apply when the group is created
+            self._early_aborts.setdefault(a.group, (peer, a))
             return
         who = g.members.index(peer.rank) if peer.rank in g.members else peer.rank
         err: CommError
@@ -435,7 +450,13 @@ class Engine:
 
     # -- failure propagation ------------------------------------------------------------
     def lose_peer(self, peer: Peer, why: str) -> None:
-        """Peer `peer` is gone: fail what waits on it and break the groups it is in."""
+        """Peer `peer` is gone: fail what waits on it; keep what it delivered.
+
+        Groups are not broken here. Messages that fully arrived before the peer
+        left (it may have finished its part and closed) still satisfy receives;
+        an op that needs more from it fails when it posts that receive or sends
+        to it, and that op's failure breaks its group and tells the other members.
+        """
         if peer.error is not None:
             return
         peer.error = PeerLost(f"rank {peer.rank} is gone: {why}", peer=peer.rank)
@@ -443,15 +464,16 @@ class Engine:
         err = peer.error
         self.matcher.fail_where(lambda r: err if r.src == peer.rank else None)
         for inc in peer.incoming.values():
-            if isinstance(inc.target, Recv):
-                self._streaming.pop(id(inc.target), None)
-                inc.target.fail(err)
+            t = inc.target
+            if isinstance(t, Recv):
+                self._streaming.pop(id(t), None)
+                t.fail(err)
+            elif isinstance(t, Unexpected):
+                if t.claimed_by is not None:
+                    self._claimed.pop(id(t.claimed_by), None)
+                    t.claimed_by.fail(err)
+                self.matcher.remove_unexpected(t)
         peer.incoming.clear()
-        for g in list(self.groups.values()):
-            if peer.rank in g.members:
-                gr = g.members.index(peer.rank)
-                self.fail_group(g, PeerLost(f"rank {gr} of group {g.group_id!r} is gone: {why}", peer=gr),
-                                notify=True, cause="peer_lost", peer=gr)
 
     def fail_group(self, g: GroupState, error: CommError, *, notify: bool, cause: str = "aborted",
                    peer: int = -1, seq: int = -1) -> None:
@@ -472,7 +494,7 @@ class Engine:
             for member in g.members:
                 p = self.peers.get(member)
                 if p is not None and p.alive:
-                    self._spawn(self._send_control, p, Abort(gid, seq, str(error), cause, peer))
+                    self._spawn_control(p, Abort(gid, seq, str(error), cause, peer))
 
     def live_peers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.alive]

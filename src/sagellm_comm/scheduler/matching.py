@@ -133,6 +133,15 @@ class Matcher:
         """Put back a message whose receive was withdrawn; it stays first in line."""
         self.unexpected.setdefault((msg.src, msg.channel), deque()).appendleft(msg)
 
+    def remove_unexpected(self, msg: Unexpected) -> None:
+        """Forget `msg` (if queued) and return its scratch block to the pool."""
+        q = self.unexpected.get((msg.src, msg.channel))
+        if q is not None and msg in q:
+            q.remove(msg)
+            if not q:
+                del self.unexpected[(msg.src, msg.channel)]
+        self.pool.release(msg.block)
+
     def unpost(self, recv: Recv) -> None:
         q = self.posted.get((recv.src, recv.channel))
         if q is not None and recv in q:

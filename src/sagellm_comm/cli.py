@@ -1,0 +1,153 @@
+"""`sagellm-comm`: the command line (demo, benchmark, environment info).
+
+This module only parses arguments and prints; the work lives in `demo` and
+`bench_allreduce`, so the same code runs from `bench/all_reduce.py` and tests.
+The hidden `_worker` subcommand is how those modules start one rank in a fresh
+interpreter (`python -m sagellm_comm.cli _worker KIND SPEC_JSON`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from typing import Any
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run and check every collective across local processes",
+                       description="Start WORLD local processes that join over TCP on 127.0.0.1, "
+                                   "run every collective at a small and a larger size, check each "
+                                   "result against numpy on every rank; rank 0 prints a table.")
+    p.add_argument("--world", type=int, default=4, help="number of processes (default 4)")
+    p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    p.add_argument("--size-kib", type=int, default=256, help="the larger size, KiB (default 256)")
+    p.add_argument("--timeout", type=float, default=55.0,
+                   help="seconds before every process is killed (default 55)")
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce}")
+    a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
+                        help="all_reduce bandwidth and latency",
+                        description="all_reduce (float32, sum) between WORLD local processes: "
+                                    "median time, algbw, busbw per size; optionally gloo measured "
+                                    "in the same run, in its own process set, after ours.")
+    a.add_argument("--world", type=int, default=2, help="number of processes (default 2)")
+    a.add_argument("--sizes", default="4,64K,1M,16M,64M",
+                   help="comma-separated bytes with K/M/G suffixes (default 4,64K,1M,16M,64M)")
+    a.add_argument("--iters", type=int, default=200,
+                   help="timed iterations per size, at most (default 200; fewer for big sizes)")
+    a.add_argument("--warmup", type=int, default=5, help="warmup iterations, at most (default 5)")
+    a.add_argument("--max-seconds", type=float, default=2.0,
+                   help="about this many timed seconds per size per library; 0 = always --iters")
+    a.add_argument("--compare", choices=["gloo", "none"], default="none",
+                   help="also measure torch.distributed gloo in the same run")
+    a.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    a.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
+                   help="event loop for our ranks (default asyncio)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; `_worker` is left out of the help on purpose (it is not for people)."""
+    parser = argparse.ArgumentParser(
+        prog="sagellm-comm",
+        description="sagellm-comm: async collectives and p2p on asyncio and trio")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,bench,info}")
+    _add_demo(sub)
+    _add_bench(sub)
+    sub.add_parser("info", help="versions, transports, CPU count")
+    w = sub.add_parser("_worker")
+    w.add_argument("kind", choices=["demo", "ours", "gloo"])
+    w.add_argument("spec", help="JSON")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _info() -> int:
+    from .transports import available
+
+    def installed(dist: str, module: str) -> str:
+        if find_spec(module) is None:
+            return "not installed"
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "installed (version unknown)"
+
+    print(f"sagellm-comm  {_version()}")
+    print(f"python        {sys.version.split()[0]} ({platform.python_implementation()}, "
+          f"{platform.system()} {platform.machine()})")
+    for dist, module in (("anyio", "anyio"), ("trio", "trio"), ("msgspec", "msgspec"),
+                         ("numpy", "numpy"), ("torch", "torch"), ("tqdm", "tqdm")):
+        print(f"{dist:<13} {installed(dist, module)}")
+    print(f"transports    {', '.join(available())}")
+    print(f"cpu count     {os.cpu_count()}")
+    return 0
+
+
+def _worker(kind: str, spec_json: str) -> int:
+    spec: dict[str, Any] = json.loads(spec_json)
+    if kind == "demo":
+        from .demo import worker
+
+        return worker(spec)
+    from . import bench_allreduce
+
+    if kind == "ours":
+        return bench_allreduce.ours_worker(spec)
+    return bench_allreduce.gloo_worker(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sagellm-comm` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.cmd == "info":
+        return _info()
+    if args.cmd == "_worker":
+        return _worker(args.kind, args.spec)
+    if args.cmd == "demo":
+        from .demo import run_demo
+
+        if args.world < 1:
+            print("sagellm-comm demo: --world must be at least 1", file=sys.stderr)
+            return 2
+        return run_demo(args.world, args.backend, args.size_kib, args.timeout)
+    if args.cmd == "bench":
+        from . import bench_allreduce
+
+        try:
+            sizes = bench_allreduce.parse_sizes(args.sizes)
+        except ValueError as e:
+            print(f"sagellm-comm bench: {e}", file=sys.stderr)
+            return 2
+        if args.world < 2 or args.iters < 1:
+            print("sagellm-comm bench: needs --world >= 2 and --iters >= 1", file=sys.stderr)
+            return 2
+        try:
+            return bench_allreduce.run(
+                world=args.world, sizes=sizes, iters=args.iters, warmup=args.warmup,
+                max_seconds=args.max_seconds, backend=args.backend,
+                compare=None if args.compare == "none" else args.compare, json_path=args.json,
+                argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)],
+                progress=not args.no_progress)
+        except bench_allreduce.WorkersFailed as e:
+            print(f"sagellm-comm bench FAILED: {e}", file=sys.stderr)
+            return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

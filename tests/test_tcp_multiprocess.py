@@ -1,0 +1,205 @@
+"""Real processes over real TCP sockets on 127.0.0.1: correctness and failure semantics.
+
+Each test starts one process per rank (tests/mp_worker.py) and bounds everything
+in time: processes are killed at the deadline, so a hang is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = str(Path(__file__).with_name("mp_worker.py"))
+BACKENDS = ["asyncio", "trio"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Ranks:
+    """The processes of one world, killed at exit whatever happened."""
+
+    def __init__(self, scenario: str, world: int, backend: str, only: list[int] | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.procs: dict[int, subprocess.Popen[str]] = {}
+        for r in only if only is not None else range(world):
+            self.start(scenario, r, world, backend)
+
+    def start(self, scenario: str, rank: int, world: int, backend: str) -> None:
+        self.procs[rank] = subprocess.Popen(
+            [sys.executable, WORKER, scenario, str(rank), str(world), str(self.port), backend],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_line(self, rank: int, text: str, timeout: float) -> None:
+        proc = self.procs[rank]
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if text in line:
+                return
+            if not line and proc.poll() is not None:
+                break
+        raise AssertionError(f"rank {rank} never printed {text!r}: {proc.stderr.read() if proc.stderr else ''}")
+
+    def results(self, timeout: float, ranks: list[int] | None = None) -> dict[int, dict[str, object]]:
+        out: dict[int, dict[str, object]] = {}
+        deadline = time.monotonic() + timeout
+        for r in ranks if ranks is not None else list(self.procs):
+            proc = self.procs[r]
+            try:
+                stdout, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+                raise AssertionError(f"rank {r} did not finish within {timeout} s (hang)") from None
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            assert lines, f"rank {r} exited {proc.returncode} without a result:\n{stderr[-3000:]}"
+            out[r] = json.loads(lines[-1].removeprefix("RESULT "))
+        return out
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> Ranks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_op_across_processes(world: int, backend: str) -> None:
+    with Ranks("all_ops", world, backend) as ranks:
+        results = ranks.results(timeout=90)
+    for r, res in results.items():
+        assert res["ok"], (r, res["checks"])
+        assert res["world"] == world and res["rank"] == r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_process_is_peer_lost_on_every_survivor(backend: str) -> None:
+    with Ranks("killed_peer", 3, backend) as ranks:
+        for r in range(3):
+            ranks.wait_line(r, "READY", timeout=60)
+        time.sleep(0.3)  # survivors are now blocked in the second all_reduce
+        ranks.procs[2].kill()
+        results = ranks.results(timeout=30, ranks=[0, 1])
+    for r, res in results.items():
+        assert res["error"] in ("PeerLost",), (r, res)
+        assert float(res["seconds"]) < 10.0, (r, res)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_process_is_lost_within_heartbeat_bound(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_TIMEOUT", "3")
+    monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_INTERVAL", "0.5")
+    with Ranks("frozen_peer", 3, backend) as ranks:
+        for r in range(3):
+            ranks.wait_line(r, "READY", timeout=60)
+        ranks.procs[2].send_signal(signal.SIGSTOP)
+        results = ranks.results(timeout=30, ranks=[0, 1])
+    for r, res in results.items():
+        assert res["error"] in ("PeerLost", "CommTimeout"), (r, res)
+        assert float(res["seconds"]) < 3 + 2.0, (r, res)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_collective_times_out_and_breaks_the_group(backend: str) -> None:
+    with Ranks("skip", 3, backend) as ranks:
+        results = ranks.results(timeout=60)
+    for r in (0, 2):
+        assert results[r]["errors"][0] == "CommTimeout", results[r]  # type: ignore[index]
+        assert results[r]["errors"][1] == "CollectiveAborted", results[r]  # type: ignore[index]
+    # the rank that skipped learns the group broke as soon as it calls the next collective
+    assert results[1]["errors"] == ["CollectiveAborted"], results[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mismatch_shape", "mismatch_kind"])
+def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str) -> None:
+    with Ranks(kind, 3, backend) as ranks:
+        results = ranks.results(timeout=60)
+    for r, res in results.items():
+        assert res["error"] == "CollectiveMismatch", (r, res)
+        assert float(res["seconds"]) < 5.0, (r, res)  # type: ignore[arg-type]
+    if kind == "mismatch_shape":
+        assert any("(8,)" in str(res["message"]) and "(16,)" in str(res["message"]) for res in results.values())
+    else:
+        assert any("broadcast" in str(res["message"]) and "all_reduce" in str(res["message"])
+                   for res in results.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_token_is_refused_and_the_world_still_forms(backend: str) -> None:
+    with Ranks("wrong_token", 2, backend) as ranks:
+        impostor = ranks.results(timeout=30, ranks=[1])[1]
+        assert impostor["error"] == "AuthError", impostor
+        assert "right-token" not in str(impostor["message"]) and "wrong-token" not in str(impostor["message"])
+        ranks.start("all_ops", 1, 2, backend)  # the real rank 1, with the right token
+        results = ranks.results(timeout=60)
+    assert results[0]["ok"] and results[1]["ok"], results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_frame_is_refused_and_listener_keeps_serving(backend: str) -> None:
+    with Ranks("garbage", 2, backend, only=[0]) as ranks:
+        deadline = time.monotonic() + 20
+        while True:  # wait for rank 0's rendezvous listener
+            try:
+                junk = socket.create_connection(("127.0.0.1", ranks.port), timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "rank 0 never listened"
+                time.sleep(0.05)
+        with junk:
+            junk.recv(4096)  # its Challenge
+            junk.sendall(b"\x00\xffGARBAGE" * 100 + os.urandom(256))
+            junk.settimeout(5)
+            try:
+                while junk.recv(4096):
+                    pass  # the listener answers with a Reject and closes
+            except (ConnectionResetError, TimeoutError):
+                pass
+        ranks.start("garbage", 1, 2, backend)
+        results = ranks.results(timeout=60)
+    assert results[0]["ok"] and results[1]["ok"], results
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun (torch) is not installed")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torchrun_env_init(backend: str, tmp_path: Path) -> None:
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        torchrun = shutil.which("torchrun") or "torchrun"
+    env = dict(os.environ, SAGELLM_TEST_BACKEND=backend, SAGELLM_TEST_OUT=str(tmp_path))
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), WORKER, "torchrun"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in results) == [0, 1], proc.stdout
+    assert all(r["ok"] and r["world"] == 2 for r in results), results

@@ -200,6 +200,12 @@ def gloo_worker(spec: dict[str, Any]) -> int:
     return 0
 
 
+def _pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank): the spread that shows how noisy a median is."""
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
 def _summarize(runs: list[Any], world: int) -> list[dict[str, Any]]:
     """Per size: the slowest rank's time per iteration, then the median over iterations."""
     per_rank = [run.result["rows"] for run in runs]
@@ -211,6 +217,7 @@ def _summarize(runs: list[Any], world: int) -> list[dict[str, Any]]:
         out.append({"bytes": rows[0]["bytes"], "count": rows[0]["count"], "iters": rows[0]["iters"],
                     "algorithm": rows[0]["algorithm"], "ok": all(r["ok"] for r in rows),
                     "time_us": t * 1e6, "min_time_us": min(slowest) * 1e6,
+                    "p10_time_us": _pct(slowest, 10) * 1e6, "p90_time_us": _pct(slowest, 90) * 1e6,
                     "algbw_gbps": algbw, "busbw_gbps": algbw * busbw_factor(world),
                     "rank_median_us": [statistics.median(r["times"]) * 1e6 for r in rows]})
     return out

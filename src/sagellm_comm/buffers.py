@@ -115,6 +115,11 @@ class Buffer:
         return f"{lib}(dtype={self.dtype.name}, shape={self.shape})"
 
 
+def bytes_view(arr: np.ndarray[Any, Any]) -> memoryview:
+    """A flat writable byte view of a contiguous array (numpy's stubs lack the buffer protocol)."""
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]
+
+
 def _numpy_buffer(arr: np.ndarray[Any, Any], writable: bool) -> Buffer:
     name = arr.dtype.name
     if name not in DTYPES or arr.dtype.byteorder == ">":
@@ -128,7 +133,7 @@ def _numpy_buffer(arr: np.ndarray[Any, Any], writable: bool) -> Buffer:
     if writable and not arr.flags.writeable:
         raise UnsupportedBuffer("array is read-only but this op writes into it")
     flat = arr.reshape(-1)
-    raw = memoryview(flat.view(np.uint8)) if flat.size else memoryview(bytearray(0))
+    raw = bytes_view(flat.view(np.uint8)) if flat.size else memoryview(bytearray(0))
     return Buffer(arr, DTYPES[name], tuple(arr.shape), flat, raw)
 
 
@@ -150,7 +155,7 @@ def _torch_buffer(t: Any) -> Buffer:
     flat = t.reshape(-1)
     raw_np = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
     elements = flat if name == "bfloat16" else flat.numpy()
-    return Buffer(t, DTYPES[name], tuple(t.shape), elements, memoryview(raw_np))
+    return Buffer(t, DTYPES[name], tuple(t.shape), elements, bytes_view(raw_np))
 
 
 def as_buffer(obj: Any, *, writable: bool = True) -> Buffer:

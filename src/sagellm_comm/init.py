@@ -172,7 +172,8 @@ async def _connect_mesh(listener: object, table: rendezvous.RendezvousResult, ra
         welcome = await handshake.connect(conn, token=token, world_id=table.world_id, rank=rank, world_size=n)
         if welcome.rank != peer:
             conn.abort()
-            raise AuthError(f"rank {rank} dialed rank {peer} at {table.addresses[peer]} but reached rank {welcome.rank}")
+            raise AuthError(f"rank {rank} dialed rank {peer} at {table.addresses[peer]} "
+                            f"but reached rank {welcome.rank}")
         conns[peer] = conn
 
     async def accept_all() -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -120,8 +121,9 @@ async def via_torch_store(host: str, port: int, *, rank: int, world_size: int, m
         _store_inits)
 
     def exchange() -> RendezvousResult:
-        store = dist.TCPStore(host, port, world_size, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout), use_libuv=True)
+        tcp_store: Any = dist.TCPStore  # type: ignore[attr-defined]
+        store = tcp_store(host, port, world_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout), use_libuv=True)
         if rank == 0:
             store.set(f"{prefix}/world_id", secrets.token_hex(8))
         store.set(f"{prefix}/addr/{rank}", my_address)

@@ -158,7 +158,8 @@ def parse_prefix(prefix: bytes | memoryview, *, max_header: int, max_payload: in
 
 def decode(header: bytes | memoryview) -> Message:
     try:
-        return _decoder.decode(header)
+        msg: Message = _decoder.decode(header)
+        return msg
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ProtocolError(f"undecodable frame header: {e}") from None
 

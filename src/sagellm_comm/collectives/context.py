@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from ..buffers import bytes_view
 from ..errors import unwrap_group_errors
 from ..scheduler.engine import Engine
 from ..scheduler.matching import Recv
@@ -47,7 +48,7 @@ class OpContext:
         """Reused scratch bytes, returned to the pool when the op ends."""
         block = self.engine.pool.acquire(nbytes)
         self._blocks.append(block)
-        return memoryview(block)[:nbytes]
+        return bytes_view(block)[:nbytes]
 
     def finish(self) -> None:
         for recv in self._recvs:

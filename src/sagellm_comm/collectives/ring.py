@@ -26,7 +26,8 @@ def _layout(numel: int, size: int, itemsize: int, chunk_bytes: int) -> tuple[lis
     return segs, k, [spans(lo, hi, k) for lo, hi in segs]
 
 
-def _post_gather(ctx: OpContext, buf: Buffer, chunks: list[list[Span]], k: int, tag0: int) -> list[list[tuple[Recv, Span]]]:
+def _post_gather(ctx: OpContext, buf: Buffer, chunks: list[list[Span]], k: int,
+                 tag0: int) -> list[list[tuple[Recv, Span]]]:
     """Post the all-gather phase's receives straight into `buf`."""
     w, r, isz = ctx.size, ctx.rank, buf.dtype.itemsize
     left = (r - 1) % w
@@ -101,7 +102,7 @@ async def all_reduce(ctx: OpContext, buf: Buffer, op: str) -> None:
 async def all_gather(ctx: OpContext, out: Buffer) -> None:
     """Ring all-gather over `out`, whose block `rank` already holds this rank's data."""
     w, r, isz = ctx.size, ctx.rank, out.dtype.itemsize
-    segs, k, chunks = _layout(out.numel, w, isz, ctx.chunk_bytes)
+    _, k, chunks = _layout(out.numel, w, isz, ctx.chunk_bytes)
     posted = _post_gather(ctx, out, chunks, k, 0)
     async with ctx.sender() as enqueue:
         for c, (lo, hi) in enumerate(chunks[r]):

@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .. import wire
-from ..buffers import ScratchPool
+from ..buffers import ScratchPool, bytes_view
 from ..errors import (
     CollectiveAborted,
     CollectiveMismatch,
@@ -400,7 +400,7 @@ class Engine:
             elif isinstance(t, Recv):
                 view = t.dest[inc.received : end]
             else:
-                view = memoryview(t.block)[inc.received : end]
+                view = bytes_view(t.block)[inc.received : end]
             n = await conn.recv_some_into(view)
             inc.received += n
         if end == d.total:

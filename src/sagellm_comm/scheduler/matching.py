@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..buffers import ScratchPool
+from ..buffers import ScratchPool, bytes_view
 from ..wire import Fingerprint
 
 Channel = tuple[str, int, int]  # (group id, seq or -1 for p2p, tag)
@@ -43,7 +43,7 @@ class Unexpected:
         self.claimed_by: Recv | None = None  # a receive posted while this was streaming
 
     def target(self) -> memoryview:
-        return memoryview(self.block)[: self.total]
+        return bytes_view(self.block)[: self.total]
 
 
 class Recv:

@@ -56,7 +56,7 @@ async def run_ranks(
             conn.tx.delay = seconds
     config = EngineConfig(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
     results: list[Any] = [None] * world_size
-    errors: dict[int, BaseException] = {}
+    errors: dict[int, Exception] = {}
 
     def fault_hook(rank: int, engine: Engine) -> Callable[[str], None]:
         count = 0

@@ -49,7 +49,8 @@ class TcpConnection(Connection):
         self._sock = sock
         self._closed = False
         try:
-            self._peername = "%s:%s" % sock.getpeername()[:2]
+            host, port = sock.getpeername()[:2]
+            self._peername = f"{host}:{port}"
         except OSError:
             self._peername = "?"
 
@@ -105,7 +106,7 @@ class TcpConnection(Connection):
         self._closed = True
         try:
             anyio.notify_closing(self._sock)
-        except Exception:  # noqa: BLE001 - no loop or nothing waiting
+        except Exception:
             pass
         self._sock.close()
 
@@ -149,7 +150,7 @@ class TcpListener(Listener):
             self._closed = True
             try:
                 anyio.notify_closing(self._sock)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             self._sock.close()
 
@@ -189,7 +190,7 @@ async def connect_tcp(address: str, *, deadline: float) -> TcpConnection:
                     await anyio.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    raise OSError(err, errno.errorcode.get(err, str(err)))
+                    raise OSError(err, errno.errorcode.get(err, str(err))) from None
             return TcpConnection(sock)
         except TimeoutError:
             sock.close()

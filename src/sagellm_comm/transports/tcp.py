@@ -11,6 +11,7 @@ reaches the loopback ceiling (~5 GB/s). Readiness waits go through
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import anyio
@@ -38,6 +39,12 @@ def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Linux autotunes socket buffers well on loopback and LANs; a fixed size helps
+    # on long fat links (cross-datacenter), so it is an opt-in knob.
+    buf = int(os.environ.get("SAGELLM_COMM_TCP_BUFFER", "0"))
+    if buf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buf)
 
 
 class TcpConnection(Connection):

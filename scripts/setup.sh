@@ -8,7 +8,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev,torch,trio]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import sagellm_comm, torch, trio, anyio, msgspec; print('sagellm-comm', sagellm_comm.__version__, '| torch', torch.__version__, '| trio', trio.__version__, '| anyio', anyio.__version__)"

@@ -414,6 +414,10 @@ class Engine:
         err = TransferCancelled(
             f"rank {peer.rank} cancelled its message (tag {inc.channel[2]}) after sending "
             f"{inc.received} of {inc.total} bytes: {c.reason}")
+        self._fail_incoming(inc, err)
+
+    def _fail_incoming(self, inc: Incoming, err: CommError) -> None:
+        """Message `inc` will never complete: fail whoever waits on it, free its scratch."""
         t = inc.target
         if isinstance(t, Recv):
             self._streaming.pop(id(t), None)
@@ -422,9 +426,8 @@ class Engine:
             if t.claimed_by is not None:
                 self._claimed.pop(id(t.claimed_by), None)
                 t.claimed_by.fail(err)
-                self.pool.release(t.block)
-            else:
-                self.matcher.remove_unexpected(t)
+            self.matcher.remove_unexpected(t)
+        inc.target = None
 
     def register_group(self, g: GroupState) -> None:
         """Start tracking group `g`; an Abort that arrived before it existed here applies now."""
@@ -464,15 +467,7 @@ class Engine:
         err = peer.error
         self.matcher.fail_where(lambda r: err if r.src == peer.rank else None)
         for inc in peer.incoming.values():
-            t = inc.target
-            if isinstance(t, Recv):
-                self._streaming.pop(id(t), None)
-                t.fail(err)
-            elif isinstance(t, Unexpected):
-                if t.claimed_by is not None:
-                    self._claimed.pop(id(t.claimed_by), None)
-                    t.claimed_by.fail(err)
-                self.matcher.remove_unexpected(t)
+            self._fail_incoming(inc, err)
         peer.incoming.clear()
 
     def fail_group(self, g: GroupState, error: CommError, *, notify: bool, cause: str = "aborted",

@@ -151,8 +151,7 @@ def _torch_buffer(t: Any) -> Buffer:
         raise UnsupportedBuffer(
             f"tensor of shape {tuple(t.shape)} is not contiguous; pass t.contiguous()"
         )
-    t = t.detach()
-    flat = t.reshape(-1)
+    flat = t.detach().reshape(-1)
     raw_np = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
     elements = flat if name == "bfloat16" else flat.numpy()
     return Buffer(t, DTYPES[name], tuple(t.shape), elements, bytes_view(raw_np))

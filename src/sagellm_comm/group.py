@@ -97,23 +97,27 @@ class Communicator:
         await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout)
         return tensor
 
-    async def all_gather(self, tensor: T, *, timeout: float | None = None) -> T:
-        """A new array/tensor of shape (world_size, *tensor.shape): row i is rank i's input."""
+    async def all_gather(self, tensor: T, *, out: T | None = None, timeout: float | None = None) -> T:
+        """An array/tensor of shape (world_size, *tensor.shape): row i is rank i's input.
+
+        Pass `out` (same library and dtype, that shape) to receive into memory you reuse.
+        """
         buf = as_buffer(tensor, writable=False)
-        out = empty_like(buf, (self.world_size, *buf.shape))
-        out.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
-        algo, why = select.all_gather(out.nbytes, self.world_size)
+        result = _output(out, buf, (self.world_size, *buf.shape))
+        result.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
+        algo, why = select.all_gather(result.nbytes, self.world_size)
 
         async def body(ctx: OpContext) -> None:
-            await (ring.all_gather(ctx, out) if algo == "ring" else direct.all_gather(ctx, out))
+            await (ring.all_gather(ctx, result) if algo == "ring" else direct.all_gather(ctx, result))
 
         await self._collective("all_gather", buf, body, algo, why, timeout=timeout)
-        return out.obj  # type: ignore[no-any-return]
+        return result.obj  # type: ignore[no-any-return]
 
-    async def reduce_scatter(self, tensor: T, op: str = "sum", *, timeout: float | None = None) -> T:
+    async def reduce_scatter(self, tensor: T, op: str = "sum", *, out: T | None = None,
+                             timeout: float | None = None) -> T:
         """Split dim 0 into world_size equal chunks; return this rank's chunk reduced over ranks.
 
-        `tensor` is not modified.
+        `tensor` is not modified. Pass `out` (shape (dim0 / world_size, ...)) to reuse memory.
         """
         buf = as_buffer(tensor, writable=False)
         check_op(op, buf.dtype)
@@ -121,7 +125,7 @@ class Communicator:
         if not buf.shape or buf.shape[0] % n:
             raise InvalidArgument(f"reduce_scatter needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
         rows = buf.shape[0] // n
-        out = empty_like(buf, (rows, *buf.shape[1:]))
+        result = _output(out, buf, (rows, *buf.shape[1:]))
         algo, why = select.reduce_scatter(buf.nbytes, n)
 
         async def body(ctx: OpContext) -> None:
@@ -130,14 +134,14 @@ class Communicator:
                 raw[:] = buf.raw
                 work = Buffer(None, buf.dtype, buf.shape, view_elements(raw, buf.dtype), raw)
                 await ring.reduce_scatter_inplace(ctx, work, op, then_gather=False)
-                out.raw[:] = work.raw[self.rank * out.nbytes : (self.rank + 1) * out.nbytes]
+                result.raw[:] = work.raw[self.rank * result.nbytes : (self.rank + 1) * result.nbytes]
             else:
-                await direct.reduce_scatter(ctx, buf, out, op)
+                await direct.reduce_scatter(ctx, buf, result, op)
 
         if n == 1:
-            out.raw[:] = buf.raw
+            result.raw[:] = buf.raw
         await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout)
-        return out.obj  # type: ignore[no-any-return]
+        return result.obj  # type: ignore[no-any-return]
 
     async def broadcast(self, tensor: T, root: int = 0, *, timeout: float | None = None) -> T:
         """Copy root's `tensor` into every rank's `tensor`, in place; returns `tensor`."""
@@ -148,20 +152,23 @@ class Communicator:
                                algo, why, root=root, timeout=timeout)
         return tensor
 
-    async def all_to_all(self, tensor: T, *, timeout: float | None = None) -> T:
-        """Split dim 0 into world_size chunks; chunk i goes to rank i. Returns a new array/tensor
-        whose chunk j came from rank j."""
+    async def all_to_all(self, tensor: T, *, out: T | None = None, timeout: float | None = None) -> T:
+        """Split dim 0 into world_size chunks; chunk i goes to rank i.
+
+        Returns an array/tensor of the same shape whose chunk j came from rank j
+        (`out`, if given, which must not be `tensor` itself).
+        """
         buf = as_buffer(tensor, writable=False)
         n = self.world_size
         if not buf.shape or buf.shape[0] % n:
             raise InvalidArgument(f"all_to_all needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
-        out = empty_like(buf, buf.shape)
+        result = _output(out, buf, buf.shape)
         if n == 1:
-            out.raw[:] = buf.raw
+            result.raw[:] = buf.raw
         algo, why = select.all_to_all(buf.nbytes, n)
-        await self._collective("all_to_all", buf, lambda ctx: direct.all_to_all(ctx, buf, out),
+        await self._collective("all_to_all", buf, lambda ctx: direct.all_to_all(ctx, buf, result),
                                algo, why, timeout=timeout)
-        return out.obj  # type: ignore[no-any-return]
+        return result.obj  # type: ignore[no-any-return]
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank of the group has entered the barrier."""
@@ -339,6 +346,25 @@ class Communicator:
                 for msg in q:
                     if msg.fp is not None and msg.fp != fp:
                         raise g.mismatch_error(fp, msg.fp, g.members.index(src))
+
+
+def _output(given: Any, like: Buffer, shape: tuple[int, ...]) -> Buffer:
+    """The caller's `out` buffer, checked against what the op produces; or a new one."""
+    if given is None:
+        return empty_like(like, shape)
+    out = as_buffer(given)
+    if out.dtype != like.dtype or out.shape != shape or out.is_torch != like.is_torch:
+        raise InvalidArgument(f"out must be a {'torch.Tensor' if like.is_torch else 'numpy.ndarray'} "
+                              f"of dtype {like.dtype.name} and shape {shape}, got {out.describe()}")
+    if out.nbytes and like.nbytes and _overlaps(out, like):
+        raise InvalidArgument("out must not share memory with the input")
+    return out
+
+
+def _overlaps(a: Buffer, b: Buffer) -> bool:
+    import numpy as np
+
+    return bool(np.shares_memory(np.frombuffer(a.raw, np.uint8), np.frombuffer(b.raw, np.uint8)))
 
 
 class _Deadline:

@@ -10,6 +10,7 @@ pool, which hands out reused blocks so that large receives never land in fresh
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,7 @@ class Buffer:
         self.shape = shape
         self.elements = elements  # 1-D np.ndarray, or 1-D torch.Tensor for bfloat16
         self.raw = raw  # flat, format "B", writable
-        self.numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        self.numel = math.prod(shape)
         self.nbytes = self.numel * dtype.itemsize
 
     @property
@@ -120,9 +121,14 @@ def bytes_view(arr: np.ndarray[Any, Any]) -> memoryview:
     return memoryview(arr).cast("B")  # type: ignore[arg-type]
 
 
+_NUMPY_DTYPES: dict[np.dtype[Any], DType] = {
+    np.dtype(d.name): d for d in DTYPES.values() if d.name != "bfloat16"
+}
+
+
 def _numpy_buffer(arr: np.ndarray[Any, Any], writable: bool) -> Buffer:
-    name = arr.dtype.name
-    if name not in DTYPES or arr.dtype.byteorder == ">":
+    dtype = _NUMPY_DTYPES.get(arr.dtype)
+    if dtype is None or arr.dtype.byteorder == ">":
         raise UnsupportedBuffer(
             f"dtype {arr.dtype} is not supported; use one of {', '.join(DTYPES)}"
         )
@@ -134,7 +140,7 @@ def _numpy_buffer(arr: np.ndarray[Any, Any], writable: bool) -> Buffer:
         raise UnsupportedBuffer("array is read-only but this op writes into it")
     flat = arr.reshape(-1)
     raw = bytes_view(flat.view(np.uint8)) if flat.size else memoryview(bytearray(0))
-    return Buffer(arr, DTYPES[name], tuple(arr.shape), flat, raw)
+    return Buffer(arr, dtype, arr.shape, flat, raw)
 
 
 def _torch_buffer(t: Any) -> Buffer:

@@ -9,6 +9,7 @@ the API says so and never keep a reference after they return.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -290,10 +291,10 @@ class Communicator:
         return _Deadline(limit, f"{what} on rank {self.rank} of group {self.group_id!r}")
 
     def _record(self, op: str, nbytes: int, algo: str, why: str, seq: int = -1) -> OpRecord:
-        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, anyio.current_time())
+        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, time.perf_counter())
 
     def _done(self, rec: OpRecord, error: BaseException | None) -> None:
-        rec.finished = anyio.current_time()
+        rec.finished = time.perf_counter()
         rec.ok = error is None
         rec.error = "" if error is None else f"{type(error).__name__}: {error}"
         self.stats.add(rec)

@@ -1,6 +1,6 @@
 """Per-op records and counters: what ran, with which algorithm and why, and how long.
 
-Records keep wall-clock-free monotonic times (anyio.current_time) so durations
+Records keep `time.perf_counter()` times (monotonic, sub-microsecond) so durations
 are exact; `to_dict` gives plain data for JSON, logs or a metrics scraper.
 """
 

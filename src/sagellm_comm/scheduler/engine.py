@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -504,10 +505,10 @@ class Engine:
         cfg = self.config
         beat = wire.encode(Heartbeat())
         interval = min(cfg.heartbeat_interval, cfg.heartbeat_timeout / 3)
-        last_tick = anyio.current_time()
+        last_tick = time.monotonic()
         while self.closed is None:
             await anyio.sleep(interval)
-            now = anyio.current_time()
+            now = time.monotonic()
             late = now - last_tick > 2 * interval + 0.5
             last_tick = now
             for peer in self.live_peers():

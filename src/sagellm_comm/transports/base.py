@@ -10,6 +10,7 @@ read straight into the caller's memory.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -37,13 +38,21 @@ class Connection(ABC):
         self.peer: int = -1
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.last_send = anyio.current_time()
+        self.last_send = time.monotonic()  # liveness clock: real time, cheap to read
         self.last_receive = self.last_send
 
     # -- what a transport implements -------------------------------------------------
     @abstractmethod
     async def _send_parts(self, parts: list[memoryview]) -> None:
         """Write every byte of `parts`, in order; raise PeerLost if the stream broke."""
+
+    def _send_now(self, parts: list[memoryview]) -> list[memoryview]:
+        """Write what can be written without waiting; return what is left (in place).
+
+        The default writes nothing; transports with non-blocking writes override it
+        so that an uncontended send costs no trip through the event loop.
+        """
+        return parts
 
     @abstractmethod
     async def _recv_some(self, view: memoryview) -> int:
@@ -73,11 +82,20 @@ class Connection(ABC):
         if payload is not None and len(payload):
             parts.append(memoryview(payload).cast("B"))
         nbytes = sum(len(p) for p in parts)
-        async with self._send_lock:
-            with anyio.CancelScope(shield=True):
-                await self._send_parts(parts)
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # fast path: nobody else is writing
+        except anyio.WouldBlock:
+            await lock.acquire()
+        try:
+            rest = self._send_now(parts)
+            if rest:
+                with anyio.CancelScope(shield=True):
+                    await self._send_parts(rest)
+        finally:
+            lock.release()
         self.bytes_sent += nbytes
-        self.last_send = anyio.current_time()
+        self.last_send = time.monotonic()
 
     @property
     def sending(self) -> bool:
@@ -96,7 +114,7 @@ class Connection(ABC):
             got = await self._recv_some(self._rview[self._rend :])
             self._rend += got
             self.bytes_received += got
-            self.last_receive = anyio.current_time()
+            self.last_receive = time.monotonic()
 
     async def recv_exactly(self, n: int) -> bytes:
         """The next `n` bytes of the stream (n <= READ_AHEAD); for prefixes and headers."""
@@ -116,7 +134,7 @@ class Connection(ABC):
         if len(view) >= DIRECT_READ_MIN:
             got = await self._recv_some(view)
             self.bytes_received += got
-            self.last_receive = anyio.current_time()
+            self.last_receive = time.monotonic()
             return got
         self._rstart = self._rend = 0
         await self._fill(1)

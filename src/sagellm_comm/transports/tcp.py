@@ -64,7 +64,7 @@ class TcpConnection(Connection):
     def describe(self) -> str:
         return f"tcp {self._peername}"
 
-    async def _send_parts(self, parts: list[memoryview]) -> None:
+    def _send_now(self, parts: list[memoryview]) -> list[memoryview]:
         sock = self._sock
         while parts:
             if self._closed:
@@ -72,8 +72,7 @@ class TcpConnection(Connection):
             try:
                 n = sock.sendmsg(parts)
             except BlockingIOError:
-                await self._wait(anyio.wait_writable)
-                continue
+                return parts
             except OSError as e:
                 raise PeerLost(f"connection to {self._peername} broke while sending: {e}") from None
             while n:
@@ -84,6 +83,14 @@ class TcpConnection(Connection):
                 else:
                     parts[0] = head[n:]
                     n = 0
+        return parts
+
+    async def _send_parts(self, parts: list[memoryview]) -> None:
+        while True:
+            parts = self._send_now(parts)
+            if not parts:
+                return
+            await self._wait(anyio.wait_writable)
 
     async def _recv_some(self, view: memoryview) -> int:
         sock = self._sock

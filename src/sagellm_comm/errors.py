@@ -16,7 +16,11 @@ class CommError(Exception):
 
 
 class PeerLost(CommError):
-    """A peer process died, closed its communicator, or stopped answering heartbeats."""
+    """A peer process died, closed its communicator, or stopped answering heartbeats.
+
+    `peer` is the lost process's world rank (its rank in the `init_process_group`
+    world, whatever sub-group the op ran in), or None where it is not known.
+    """
 
     def __init__(self, message: str, *, peer: int | None = None) -> None:
         super().__init__(message)
@@ -68,6 +72,13 @@ class MessageMismatch(CommError, ValueError):
 
     The message is kept: a later `recv` with a buffer of the right size gets it.
     """
+
+
+def restate(error: CommError, message: str) -> CommError:
+    """A new error of the same type and fields as `error`, with `message`."""
+    if isinstance(error, PeerLost):
+        return PeerLost(message, peer=error.peer)
+    return type(error)(message)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from .errors import (
     CommTimeout,
     InvalidArgument,
     PeerLost,
+    restate,
 )
 from .scheduler.engine import Engine
 from .scheduler.ordering import GroupState, aborted
@@ -323,10 +324,11 @@ class Communicator:
                 # the group broke first (a peer's Abort, a mismatch seen by the reader);
                 # what we hit after that (a send to a rank that has left) is a symptom
                 self._done(rec, first)
-                raise type(first)(str(first)) from e
+                raise restate(first, str(first)) from e
             cause = ("mismatch" if isinstance(e, CollectiveMismatch)
                      else "peer_lost" if isinstance(e, PeerLost) else "aborted")
-            self._engine.fail_group(g, e, notify=True, cause=cause, peer=getattr(e, "peer", None) or -1)
+            lost = e.peer if isinstance(e, PeerLost) and e.peer is not None else -1
+            self._engine.fail_group(g, e, notify=True, cause=cause, peer=lost)
             self._done(rec, e)
             raise
         except BaseException as e:

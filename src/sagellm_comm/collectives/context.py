@@ -42,6 +42,8 @@ class OpContext:
         return recv
 
     async def send(self, dst: int, tag: int, raw: memoryview) -> None:
+        if self.group.broken is not None:  # stop early: peers discard this op's frames now
+            raise self.group.broken
         await self.engine.send(self.group.members[dst], (self.group.group_id, self.fp.seq, tag), raw, self.fp)
 
     def scratch(self, nbytes: int) -> memoryview:

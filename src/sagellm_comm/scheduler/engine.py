@@ -175,6 +175,8 @@ class Engine:
         offset = 0
         try:
             while True:
+                if offset:  # between frames of one message, a cancellation can land
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 n = min(frame, total - offset)
                 head = wire.encode(Data(mid, offset, total, group, seq, tag, fp if offset == 0 else None), n)
                 await peer.conn.send_frame(head, raw[offset : offset + n])
@@ -220,6 +222,11 @@ class Engine:
         if self.closed is not None:
             recv.fail(self.closed)
             return recv
+        if channel[1] >= 0:
+            g = self.groups.get(channel[0])
+            if g is not None and g.broken is not None:  # its frames are discarded now: fail, don't wait
+                recv.fail(g.broken)
+                return recv
         peer = self.peers[src]
         msg = self.matcher.peek_unexpected(src, channel)
         if msg is not None:

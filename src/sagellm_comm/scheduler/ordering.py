@@ -11,7 +11,7 @@ original reason instead of waiting on ranks that will never answer.
 
 from __future__ import annotations
 
-from ..errors import CollectiveAborted, CollectiveMismatch, CommError, PeerLost
+from ..errors import CollectiveAborted, CollectiveMismatch, CommError, restate
 from ..wire import Fingerprint
 
 
@@ -48,8 +48,8 @@ class GroupState:
     def raise_if_broken(self) -> None:
         if self.broken is not None:
             err = self.broken
-            raise type(err)(f"{err} (group {self.group_id!r} is broken: "
-                            f"rebuild it with comm.split(...) or a new init_process_group)")
+            raise restate(err, f"{err} (group {self.group_id!r} is broken: "
+                               f"rebuild it with comm.split(...) or a new init_process_group)")
 
     def mismatch_error(self, mine: Fingerprint, theirs: Fingerprint, their_rank: int) -> CollectiveMismatch:
         fields = ", ".join(mine.diff(theirs))
@@ -69,7 +69,3 @@ class GroupState:
 def aborted(group_id: str, fp: Fingerprint, rank: int, why: str) -> CollectiveAborted:
     return CollectiveAborted(f"{fp.describe()} in group {group_id!r} was aborted by rank {rank}: {why}")
 
-
-def peer_lost_in(group: GroupState, peer_group_rank: int, why: str) -> PeerLost:
-    return PeerLost(f"rank {peer_group_rank} of group {group.group_id!r} is gone: {why}",
-                    peer=peer_group_rank)

@@ -1,0 +1,8 @@
+"""Run every `@pytest.mark.anyio` test on both asyncio and trio."""
+
+import pytest
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param

@@ -1,0 +1,63 @@
+"""The `sagellm-comm` command line, run the way a user runs it: as a subprocess.
+
+Each run is bounded by a timeout (a hang is a failure, and the CLI itself kills
+its worker processes on failure).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "sagellm_comm.cli"]
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_info_lists_versions_and_transports() -> None:
+    out = run_cli("info", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sagellm-comm" in out.stdout
+    assert "tcp" in out.stdout and "cpu count" in out.stdout
+
+
+def test_bad_sizes_are_a_usage_error() -> None:
+    out = run_cli("bench", "all-reduce", "--sizes", "3", timeout=60)
+    assert out.returncode == 2
+    assert "float32" in out.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_demo_checks_every_collective(backend: str) -> None:
+    out = run_cli("demo", "--world", "2", "--backend", backend, timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "result: all ok" in out.stdout
+    for op in ("all_reduce(sum)", "all_reduce(avg)", "all_reduce(max)", "all_gather",
+               "reduce_scatter", "broadcast", "all_to_all", "barrier", "send/recv ring"):
+        assert op in out.stdout
+    assert "FAILED" not in out.stdout
+
+
+@pytest.mark.multiprocess
+def test_tiny_bench_against_gloo_writes_json(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    path = tmp_path / "ar.json"
+    out = run_cli("bench", "all-reduce", "--world", "2", "--sizes", "4,64K", "--iters", "5",
+                  "--compare", "gloo", "--json", str(path), "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads(path.read_text())
+    assert doc["all_ok"] is True
+    assert doc["machine"]["cpu_count"] >= 1
+    assert [r["size_bytes"] for r in doc["results"]] == [4, 65536]
+    for row in doc["results"]:
+        assert row["busbw_ratio"] > 0 and row["time_ratio"] > 0
+        assert row["ours"]["iters"] == row["gloo"]["iters"] == 5
+        assert row["ours"]["algorithm"]
+    assert "busbw" in out.stdout

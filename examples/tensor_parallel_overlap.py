@@ -51,8 +51,8 @@ async def decode_loop(comm: sc.Communicator) -> float:
     rng_full = np.random.default_rng(0)
     full_w1 = (rng_full.standard_normal((HIDDEN, FFN)) / np.sqrt(HIDDEN)).astype(np.float32)
     full_w2 = (rng_full.standard_normal((FFN, HIDDEN)) / np.sqrt(FFN)).astype(np.float32)
-    err = max(float(np.abs(o - np.maximum(x @ full_w1, 0) @ full_w2).max()) for o, x in zip(outputs, inputs, strict=True))
-    return err
+    expected = [np.maximum(x @ full_w1, 0) @ full_w2 for x in inputs]
+    return max(float(np.abs(o - e).max()) for o, e in zip(outputs, expected, strict=True))
 
 
 async def main_env() -> None:

@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev,torch,trio]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import sagellm_comm, torch, trio, anyio, msgspec; print('sagellm-comm', sagellm_comm.__version__, '| torch', torch.__version__, '| trio', trio.__version__, '| anyio', anyio.__version__)"
+.venv/bin/python -c "import importlib.metadata as m; print(' | '.join(f'{p} {m.version(p)}' for p in ('sagellm-comm', 'torch', 'trio', 'anyio', 'msgspec', 'numpy')))"

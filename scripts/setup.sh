@@ -8,6 +8,17 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[dev,torch,trio]" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install() {  # quiet, but a failure shows pip's whole output and stops the script
+    local log
+    log=$(mktemp)
+    if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "setup: pip install $* failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
+pip_install "torch==2.13.0"
+pip_install -e ".[dev,torch,trio]"
 .venv/bin/python -c "import importlib.metadata as m; print(' | '.join(f'{p} {m.version(p)}' for p in ('sagellm-comm', 'torch', 'trio', 'anyio', 'msgspec', 'numpy')))"

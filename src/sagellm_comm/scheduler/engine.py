@@ -3,9 +3,9 @@
 It owns a reader task per peer that parses frames and streams payloads into
 posted receives (or scratch), a heartbeat task that keeps idle links warm and
 declares silent peers lost, and the failure propagation that turns one rank's
-problem into a typed error on every rank: a lost peer fails everything waiting on
-it and breaks every group it belongs to; a broken group tells its other members
-with an `Abort` frame. Engine tasks never raise into the caller's task group:
+problem into a typed error on every rank: a lost peer fails every receive waiting
+on it; an op that fails breaks its group, and a broken group tells its other
+members with an `Abort` frame. Engine tasks never raise into the caller's task group:
 everything they hit becomes peer or group state that ops observe.
 """
 
@@ -124,11 +124,7 @@ class Engine:
                 if peer.alive:
                     try:
                         await peer.conn.send_frame(bye)
-                        shutdown = getattr(peer.conn, "shutdown_write", None)
-                        if shutdown is not None:
-                            shutdown()
-                        else:
-                            await peer.conn.aclose()
+                        peer.conn.close_write()
                     except PeerLost:
                         pass
             for peer in self.peers.values():

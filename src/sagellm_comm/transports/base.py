@@ -63,6 +63,10 @@ class Connection(ABC):
         """Close at once, without a goodbye; pending reads and writes fail with PeerLost."""
 
     @abstractmethod
+    def close_write(self) -> None:
+        """Send end-of-stream after what was written; keep reading (a half close)."""
+
+    @abstractmethod
     async def aclose(self) -> None:
         """Close after flushing what was written."""
 

@@ -106,6 +106,9 @@ class InprocConnection(Connection):
         self.tx.abort()
         self.rx.abort()
 
+    def close_write(self) -> None:
+        self.tx.close()
+
     async def aclose(self) -> None:
         self.tx.close()
 

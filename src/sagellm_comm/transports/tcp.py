@@ -132,8 +132,7 @@ class TcpConnection(Connection):
                 pass
         self.abort()
 
-    def shutdown_write(self) -> None:
-        """Tell the peer we will send nothing more (it reads EOF after our last frame)."""
+    def close_write(self) -> None:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -99,6 +99,7 @@ class Engine:
         self._claimed: dict[int, Unexpected] = {}  # id(Recv) -> the unexpected it waits on
         self._streaming: dict[int, Incoming] = {}  # id(Recv) -> the message streaming into it
         self._early_aborts: dict[str, tuple[Peer, Abort]] = {}  # for groups not created here yet
+        self._said_bye = False  # after our Bye, nothing more is written (the peer half-closed on it)
         self._controls = 0  # control frames (Abort, Cancel) queued but not yet written
         self._controls_idle = anyio.Event()
 
@@ -117,19 +118,22 @@ class Engine:
         self.closed = CommClosed(f"rank {self.rank}'s communicator is closed")
         self._fail_everything(self.closed)
         bye = wire.encode(Bye("closing"))
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.close_timeout):
-            while self._controls:  # an Abort must reach peers before our Bye does
-                await self._controls_idle.wait()
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.config.close_timeout):
+                while self._controls:  # an Abort must reach peers before our Bye does
+                    await self._controls_idle.wait()
+                self._said_bye = True
+                for peer in self.peers.values():
+                    if peer.alive:
+                        try:
+                            await peer.conn.send_frame(bye)
+                            peer.conn.close_write()
+                        except PeerLost:
+                            pass
+                for peer in self.peers.values():  # their end-of-stream: they read all we sent
+                    await peer.reader_done.wait()
             for peer in self.peers.values():
-                if peer.alive:
-                    try:
-                        await peer.conn.send_frame(bye)
-                        peer.conn.close_write()
-                    except PeerLost:
-                        pass
-            for peer in self.peers.values():
-                await peer.reader_done.wait()
-        self.abort()
+                await peer.conn.aclose()
 
     def abort(self, error: CommError | None = None) -> None:
         """Drop every connection now; peers see this rank as lost."""
@@ -196,7 +200,7 @@ class Engine:
 
     async def _send_control(self, peer: Peer, msg: wire.Message) -> None:
         try:
-            if peer.alive:
+            if peer.alive and not self._said_bye:
                 with anyio.move_on_after(self.config.heartbeat_timeout):
                     await peer.conn.send_frame(wire.encode(msg))
         except PeerLost as e:
@@ -526,7 +530,7 @@ class Engine:
                     self._spawn(self._send_raw_control, peer, beat)
 
     async def _send_raw_control(self, peer: Peer, frame: bytes) -> None:
-        if not peer.alive or peer.conn.sending:
+        if not peer.alive or peer.conn.sending or self._said_bye:
             return
         try:
             await peer.conn.send_frame(frame)

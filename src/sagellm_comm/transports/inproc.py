@@ -110,7 +110,8 @@ class InprocConnection(Connection):
         self.tx.close()
 
     async def aclose(self) -> None:
-        self.tx.close()
+        self.tx.close()  # what we wrote stays readable, as with a TCP FIN
+        self.rx.abort()  # what we did not read is dropped, and the peer's writes fail
 
     def cut(self) -> None:
         """Silently drop everything from now on, in both directions."""

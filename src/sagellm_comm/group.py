@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import numpy as np
 
 from .buffers import Buffer, as_buffer, check_op, empty_like, view_elements
 from .collectives import direct, doubling, ring, select, tree
@@ -365,8 +366,6 @@ def _output(given: Any, like: Buffer, shape: tuple[int, ...]) -> Buffer:
 
 
 def _overlaps(a: Buffer, b: Buffer) -> bool:
-    import numpy as np
-
     return bool(np.shares_memory(np.frombuffer(a.raw, np.uint8), np.frombuffer(b.raw, np.uint8)))
 
 

@@ -228,10 +228,6 @@ def scale_avg(acc: Any, world_size: int) -> None:
         acc.div_(world_size)
 
 
-def copy_bytes(dst: memoryview, src: memoryview) -> None:
-    """dst[:] = src, as one memcpy."""
-    dst[:] = src
-
 
 class ScratchPool:
     """Reused byte blocks for receives that cannot land in the caller's memory.

@@ -9,7 +9,7 @@ up (withdraws receives, returns scratch) however the algorithm ends.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -91,5 +91,3 @@ def spans(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:
     return max(1, -(-nbytes // max(1, chunk_bytes)))
 
-
-Algorithm = Callable[..., Awaitable[Any]]

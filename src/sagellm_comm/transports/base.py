@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
 import anyio
-
-from ..errors import PeerLost
 
 Bytes = bytes | bytearray | memoryview
 
@@ -174,10 +171,3 @@ class Transport(ABC):
     @abstractmethod
     async def connect(self, address: str) -> Connection: ...
 
-
-def lost(peer_desc: str, why: str, peer: int | None = None) -> PeerLost:
-    return PeerLost(f"connection to {peer_desc} lost: {why}", peer=peer)
-
-
-def as_views(parts: Sequence[Bytes]) -> list[memoryview]:
-    return [memoryview(p).cast("B") for p in parts]

@@ -126,10 +126,7 @@ class TcpConnection(Connection):
 
     async def aclose(self) -> None:
         if not self._closed:
-            try:
-                self._sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            self.close_write()
         self.abort()
 
     def close_write(self) -> None:

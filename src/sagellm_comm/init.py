@@ -23,7 +23,7 @@ from .group import DEFAULT_CHUNK_BYTES, Communicator
 from .scheduler.engine import Engine, EngineConfig
 from .scheduler.ordering import GroupState
 from .transports.base import Connection
-from .transports.tcp import bind_listener, connect_tcp, parse_host_port
+from .transports.tcp import TcpListener, bind_listener, connect_tcp, parse_host_port
 
 DEFAULT_INIT_TIMEOUT = 300.0
 HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection has to authenticate
@@ -65,14 +65,12 @@ def resolve(url: str, rank: int | None, world_size: int | None) -> tuple[str, in
     return host, port, r, n
 
 
-def _local_ip_towards(host: str) -> str:
-    """The address of this host on the route to `host` (loopback stays loopback)."""
+def _local_ip_towards(target: str) -> str:
+    """The address of this host on the route to IP `target` (loopback stays loopback)."""
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-        target = str(infos[0][4][0])
-    except OSError:
-        return "127.0.0.1"
-    if ipaddress.ip_address(target).is_loopback:
+        if ipaddress.ip_address(target).is_loopback:
+            return "127.0.0.1"
+    except ValueError:  # a name that did not resolve
         return "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
@@ -115,7 +113,8 @@ async def init_process_group(
         config.frame_bytes = frame_bytes
     deadline = anyio.current_time() + (timeout if timeout is not None else DEFAULT_INIT_TIMEOUT)
 
-    listener = bind_listener(_resolve_host(host) if r == 0 else _local_ip_towards(host))
+    master_ip = _resolve_host(host)
+    listener = bind_listener(master_ip if r == 0 else _local_ip_towards(master_ip))
     conns: dict[int, Connection] = {}
     try:
         if n == 1:
@@ -125,7 +124,7 @@ async def init_process_group(
                                                      my_address=listener.address,
                                                      timeout=max(1.0, deadline - anyio.current_time()))
         elif r == 0:
-            table = await rendezvous.serve(_resolve_host(host), port, world_size=n, token=secret,
+            table = await rendezvous.serve(master_ip, port, world_size=n, token=secret,
                                            my_address=listener.address, deadline=deadline)
         else:
             table = await rendezvous.join(host, port, rank=r, world_size=n, token=secret,
@@ -158,12 +157,9 @@ def _resolve_host(host: str) -> str:
         return host
 
 
-async def _connect_mesh(listener: object, table: rendezvous.RendezvousResult, rank: int, n: int,
+async def _connect_mesh(listener: TcpListener, table: rendezvous.RendezvousResult, rank: int, n: int,
                         token: str, deadline: float) -> dict[int, Connection]:
     """Dial every lower rank, accept every higher one; every link authenticated."""
-    from .transports.tcp import TcpListener
-
-    assert isinstance(listener, TcpListener)
     conns: dict[int, Connection] = {}
     expected = set(range(rank + 1, n))
 

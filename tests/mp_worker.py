@@ -1,7 +1,7 @@
 """One rank of a multi-process test: `python mp_worker.py SCENARIO RANK WORLD PORT BACKEND`.
 
 Prints one line `RESULT <json>` with what the scenario observed, so the test
-process (see test_tcp_multiprocess.py) can assert on every rank's outcome.
+process (see test_multiprocess.py) can assert on every rank's outcome.
 Under torchrun, RANK/WORLD_SIZE come from the environment (`env://`).
 """
 
@@ -65,7 +65,7 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
     async with sc.init_process_group(url, rank=rank, world_size=world, timeout=60, **kwargs) as comm:
         r, n = comm.rank, comm.world_size
         if name in ("all_ops", "torchrun", "wrong_token", "garbage"):
-            report(rank=r, world=n, **await all_ops(comm))
+            report(rank=r, world=n, transport=comm.transport, **await all_ops(comm))
         elif name == "killed_peer":
             x = np.ones(1 << 20, dtype=np.float32)
             await comm.all_reduce(x)

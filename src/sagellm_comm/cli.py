@@ -28,6 +28,8 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--size-kib", type=int, default=256, help="the larger size, KiB (default 256)")
     p.add_argument("--timeout", type=float, default=55.0,
                    help="seconds before every process is killed (default 55)")
+    p.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default="auto",
+                   help="auto (default): shared memory between local ranks; or force one")
 
 
 def _add_bench(sub: Any) -> None:
@@ -63,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,bench,info}")
     _add_demo(sub)
     _add_bench(sub)
-    sub.add_parser("info", help="versions, transports, CPU count")
+    info = sub.add_parser("info", help="versions, transports and which one reaches which peer")
+    info.add_argument("--world", type=int, default=0,
+                      help="also start WORLD local ranks and show the transport of every link")
+    info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
+                      help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
     w = sub.add_parser("_worker")
-    w.add_argument("kind", choices=["demo", "ours", "gloo"])
+    w.add_argument("kind", choices=["demo", "links", "ours", "gloo"])
     w.add_argument("spec", help="JSON")
     return parser
 
@@ -76,8 +82,8 @@ def _version() -> str:
     return __version__
 
 
-def _info() -> int:
-    from .transports import available
+def _info(world: int = 0, transport: str | None = None) -> int:
+    from .transports import available, choice, shm
 
     def installed(dist: str, module: str) -> str:
         if find_spec(module) is None:
@@ -94,8 +100,32 @@ def _info() -> int:
                          ("numpy", "numpy"), ("torch", "torch"), ("tqdm", "tqdm")):
         print(f"{dist:<13} {installed(dist, module)}")
     print(f"transports    {', '.join(available())}")
+    ok, why = shm.shm_supported()
+    print("  tcp         yes")
+    print(f"  shm         {'yes (host key ' + shm.host_key() + ')' if ok else 'no: ' + why}")
+    print(f"  ucx         {_ucx_status()}")
+    try:
+        mode = choice.setting(None)
+    except Exception as e:
+        mode = f"invalid ({e})"
+    print(f"setting       {mode} (SAGELLM_COMM_TRANSPORT; auto = shm to peers on this host, tcp to others)")
     print(f"cpu count     {os.cpu_count()}")
+    if world:
+        from .demo import show_links
+
+        return show_links(world, transport)
     return 0
+
+
+def _ucx_status() -> str:
+    if find_spec("ucxx") is None:
+        return "no: ucxx is not installed (pip install 'sagellm-comm[ucx]')"
+    try:
+        from .transports.ucx import ucx_available
+    except ImportError as e:
+        return f"no: {e}"
+    ok, why = ucx_available()
+    return "yes (asked for with transport='ucx')" if ok else f"no: {why}"
 
 
 def _worker(kind: str, spec_json: str) -> int:
@@ -104,6 +134,10 @@ def _worker(kind: str, spec_json: str) -> int:
         from .demo import worker
 
         return worker(spec)
+    if kind == "links":
+        from .demo import links_worker
+
+        return links_worker(spec)
     from . import bench_allreduce
 
     if kind == "ours":
@@ -115,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sagellm-comm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.cmd == "info":
-        return _info()
+        return _info(args.world, args.transport)
     if args.cmd == "_worker":
         return _worker(args.kind, args.spec)
     if args.cmd == "demo":
@@ -124,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.world < 1:
             print("sagellm-comm demo: --world must be at least 1", file=sys.stderr)
             return 2
-        return run_demo(args.world, args.backend, args.size_kib, args.timeout)
+        return run_demo(args.world, args.backend, args.size_kib, args.timeout, args.transport)
     if args.cmd == "bench":
         from . import bench_allreduce
 

@@ -1,7 +1,7 @@
 """`sagellm-comm demo`: run every collective across real local processes and check it.
 
 The demo is a smoke test a user can run right after installing: it starts
-`world` processes that join over TCP on 127.0.0.1, runs each collective at a
+`world` processes that join through 127.0.0.1 (shared memory between them by default), runs each collective at a
 small (latency algorithms) and a larger (bandwidth algorithms) size, checks each
 result against numpy on every rank, and has rank 0 print one table with every
 rank's verdict. It also holds the process launcher shared with the benchmark,
@@ -271,7 +271,8 @@ async def _worker_main(spec: dict[str, Any]) -> int:
 
     rank, world = int(spec["rank"]), int(spec["world"])
     url = f"tcp://127.0.0.1:{spec['port']}"
-    async with sc.init_process_group(url, rank=rank, world_size=world, timeout=30.0) as comm:
+    async with sc.init_process_group(url, rank=rank, world_size=world, timeout=30.0,
+                                     transport=spec.get("transport")) as comm:
         rows = await _run_checks(comm, int(spec["size_kib"]))
         mine = np.array([row["ok"] for row in rows], dtype=np.uint8)
         verdicts: list[list[bool]] | None = None
@@ -288,8 +289,10 @@ async def _worker_main(spec: dict[str, Any]) -> int:
         all_ok = verdicts is not None and all(all(v) for v in verdicts)
         if rank == 0:
             small, large = sizes(world, int(spec["size_kib"]))
-            print(f"sagellm-comm demo: {world} processes over tcp, backend {spec['backend']}, "
+            print(f"sagellm-comm demo: {world} processes over {comm.transport}, backend {spec['backend']}, "
                   f"float32, sizes {fmt_bytes(small * 4)} and {fmt_bytes(large * 4)}")
+            for peer, link in comm.peer_transports().items():
+                print(f"  rank 0 -> rank {peer}: {link['transport']} ({link['reason']})")
             print(format_table(rows, verdicts, world))
             bad = sum(not v for vs in (verdicts or [[r["ok"] for r in rows]]) for v in vs)
             print("result: all ok" if all_ok else f"result: FAILED ({bad} failed checks)",
@@ -305,14 +308,49 @@ def worker(spec: dict[str, Any]) -> int:
     return int(anyio.run(_worker_main, spec, backend=spec["backend"]))
 
 
+async def _links_main(spec: dict[str, Any]) -> int:
+    import sagellm_comm as sc
+
+    url = f"tcp://127.0.0.1:{spec['port']}"
+    async with sc.init_process_group(url, rank=int(spec["rank"]), world_size=int(spec["world"]), timeout=30.0,
+                                     transport=spec.get("transport")) as comm:
+        await comm.barrier(timeout=OP_TIMEOUT)
+        links = {str(k): v for k, v in comm.peer_transports().items()}
+    Path(spec["out"]).write_text(json.dumps({"links": links}))
+    return 0
+
+
+def links_worker(spec: dict[str, Any]) -> int:
+    """One rank of `sagellm-comm info --world N`: join, report how each peer is reached."""
+    import anyio
+
+    return int(anyio.run(_links_main, spec))
+
+
+def show_links(world: int, transport: str | None = None, timeout: float = 60.0) -> int:
+    """Start `world` local ranks and print, per link, the transport chosen and why."""
+    port = free_port()
+    specs = [{"rank": r, "world": world, "port": port, "transport": transport} for r in range(world)]
+    try:
+        runs = launch("links", specs, timeout=timeout)
+    except WorkersFailed as e:
+        print(f"links FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"links between {world} local ranks (setting: {transport or 'SAGELLM_COMM_TRANSPORT or auto'}):")
+    for run in runs:
+        for peer, link in sorted((run.result or {}).get("links", {}).items(), key=lambda kv: int(kv[0])):
+            print(f"  rank {run.rank} -> rank {peer}: {link['transport']:<6} {link['reason']}")
+    return 0
+
+
 def run_demo(world: int = 4, backend: str = "asyncio", size_kib: int = 256,
-             timeout: float = 55.0) -> int:
+             timeout: float = 55.0, transport: str = "auto") -> int:
     """Start the world, let rank 0 print the table; 0 only if every check passed everywhere."""
     if world < 1:
         raise ValueError("world must be at least 1")
     port = free_port()
-    specs = [{"rank": r, "world": world, "port": port, "backend": backend, "size_kib": size_kib}
-             for r in range(world)]
+    specs = [{"rank": r, "world": world, "port": port, "backend": backend, "size_kib": size_kib,
+              "transport": transport} for r in range(world)]
     try:
         runs = launch("demo", specs, timeout=timeout, passthrough_rank0=True)
     except WorkersFailed as e:

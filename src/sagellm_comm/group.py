@@ -45,7 +45,7 @@ class Communicator:
     """
 
     def __init__(self, engine: Engine, group: GroupState, *, timeout: float | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, transport: str = "?",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, transport: str | None = None,
                  owns_engine: bool = False) -> None:
         self._engine = engine
         self._group = group
@@ -54,8 +54,10 @@ class Communicator:
         self._owns_engine = owns_engine
         self._splits: dict[tuple[int, ...], int] = {}
         self._closed: CommClosed | None = None
-        self.transport = transport
         self.stats = Stats()
+        links = self.peer_transports()
+        self.transport = transport or "+".join(sorted({str(v["transport"]) for v in links.values()})) or "self"
+        self.stats.links = links
         self.before_op: Callable[[str], None] | None = None  # fault injection (sagellm_comm.testing)
         engine.register_group(group)
 
@@ -76,6 +78,16 @@ class Communicator:
     def global_ranks(self) -> list[int]:
         """The world ranks of this group's members, in group-rank order."""
         return list(self._group.members)
+
+    def peer_transports(self) -> dict[int, dict[str, str | int]]:
+        """For each other member (by group rank): its world rank, the transport to it, and why."""
+        out: dict[int, dict[str, str | int]] = {}
+        for g, w in enumerate(self._group.members):
+            peer = self._engine.peers.get(w)
+            if peer is not None:
+                out[g] = {"world_rank": w, "transport": peer.conn.transport, "reason": peer.conn.reason,
+                          "link": peer.conn.describe()}
+        return out
 
     def __repr__(self) -> str:
         return f"<Communicator group={self.group_id!r} rank={self.rank}/{self.world_size} transport={self.transport}>"
@@ -238,8 +250,7 @@ class Communicator:
             return None
         gid = f"{self.group_id}/{','.join(map(str, ranks))}#{nth}"
         g = GroupState(gid, [self._group.members[r] for r in ranks], ranks.index(self.rank))
-        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
-                            transport=self.transport)
+        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property

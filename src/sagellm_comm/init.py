@@ -22,8 +22,10 @@ from .errors import AuthError, CommError, CommTimeout, InvalidArgument, unwrap_g
 from .group import DEFAULT_CHUNK_BYTES, Communicator
 from .scheduler.engine import Engine, EngineConfig
 from .scheduler.ordering import GroupState
-from .transports.base import Connection
-from .transports.tcp import TcpListener, bind_listener, connect_tcp, parse_host_port
+from .transports import choice, get_transport
+from .transports.base import Connection, Listener
+from .transports.shm import connect_shm
+from .transports.tcp import bind_listener, connect_tcp, parse_host_port
 
 DEFAULT_INIT_TIMEOUT = 300.0
 HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection has to authenticate
@@ -92,6 +94,7 @@ async def init_process_group(
     heartbeat_timeout: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     frame_bytes: int | None = None,
+    transport: str | None = None,
 ) -> AsyncIterator[Communicator]:
     """Join a world of `world_size` processes and yield its communicator.
 
@@ -102,6 +105,8 @@ async def init_process_group(
     None waits up to 300 s for init and forever for ops.
     heartbeat_*: seconds (SAGELLM_COMM_HEARTBEAT_INTERVAL / _TIMEOUT); a peer silent for
     heartbeat_timeout is lost.
+    transport: ``auto`` (default; SAGELLM_COMM_TRANSPORT): shared memory to peers on this
+    host, TCP to others; or ``tcp``, ``shm``, ``ucx`` for every peer.
     """
     host, port, r, n = resolve(url, rank, world_size)
     secret = token if token is not None else os.environ.get("SAGELLM_COMM_TOKEN", "")
@@ -114,34 +119,38 @@ async def init_process_group(
     deadline = anyio.current_time() + (timeout if timeout is not None else DEFAULT_INIT_TIMEOUT)
 
     master_ip = _resolve_host(host)
-    listener = bind_listener(master_ip if r == 0 else _local_ip_towards(master_ip))
+    mode = choice.setting(transport)
+    listeners: dict[str, Listener] = {}
     conns: dict[int, Connection] = {}
     try:
+        listeners = await _open_listeners(mode, master_ip if r == 0 else _local_ip_towards(master_ip))
+        my_address = ",".join(lst.address for lst in listeners.values())
         if n == 1:
-            table = rendezvous.RendezvousResult("solo", [listener.address])
+            table = rendezvous.RendezvousResult("solo", [my_address])
         elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and url.startswith("env"):
             table = await rendezvous.via_torch_store(host, port, rank=r, world_size=n,
-                                                     my_address=listener.address,
+                                                     my_address=my_address,
                                                      timeout=max(1.0, deadline - anyio.current_time()))
         elif r == 0:
             table = await rendezvous.serve(master_ip, port, world_size=n, token=secret,
-                                           my_address=listener.address, deadline=deadline)
+                                           my_address=my_address, deadline=deadline)
         else:
             table = await rendezvous.join(host, port, rank=r, world_size=n, token=secret,
-                                          my_address=listener.address, deadline=deadline)
-        conns = await _connect_mesh(listener, table, r, n, secret, deadline)
+                                          my_address=my_address, deadline=deadline)
+        conns = await _connect_mesh(listeners, mode, table, r, n, secret, deadline)
     except BaseException:
         for c in conns.values():
             c.abort()
         raise
     finally:
-        await listener.aclose()
+        for lst in listeners.values():
+            await lst.aclose()
 
     engine = Engine(r, n, conns, config)
     async with anyio.create_task_group() as tg:
         engine.start(tg)
         comm = Communicator(engine, GroupState("world", list(range(n)), r), timeout=timeout,
-                            chunk_bytes=chunk_bytes, transport="tcp", owns_engine=True)
+                            chunk_bytes=chunk_bytes, owns_engine=True)
         try:
             yield comm
         finally:
@@ -157,22 +166,53 @@ def _resolve_host(host: str) -> str:
         return host
 
 
-async def _connect_mesh(listener: TcpListener, table: rendezvous.RendezvousResult, rank: int, n: int,
-                        token: str, deadline: float) -> dict[int, Connection]:
-    """Dial every lower rank, accept every higher one; every link authenticated."""
+async def _open_listeners(mode: str, tcp_host: str) -> dict[str, Listener]:
+    listeners: dict[str, Listener] = {}
+    try:
+        for scheme in choice.listen_schemes(mode):
+            if scheme == "tcp":
+                listeners[scheme] = bind_listener(tcp_host)
+            else:
+                listeners[scheme] = await get_transport(scheme).listen(tcp_host)
+    except BaseException:
+        for lst in listeners.values():
+            await lst.aclose()
+        raise
+    return listeners
+
+
+async def _dial(scheme: str, address: str, deadline: float) -> Connection:
+    if scheme == "tcp":
+        return await connect_tcp(address, deadline=deadline)
+    if scheme == "shm":
+        return await connect_shm(address, deadline=deadline)
+    return await get_transport(scheme).connect(address)
+
+
+async def _connect_mesh(listeners: dict[str, Listener], mode: str, table: rendezvous.RendezvousResult, rank: int,
+                        n: int, token: str, deadline: float) -> dict[int, Connection]:
+    """Dial every lower rank, accept every higher one; every link authenticated.
+
+    The dialer picks the transport from the acceptor's address set; the acceptor
+    accepts on every listener it opened.
+    """
     conns: dict[int, Connection] = {}
     expected = set(range(rank + 1, n))
+    all_in = anyio.Event()
+    if not expected:
+        all_in.set()
 
     async def dial(peer: int) -> None:
-        conn = await connect_tcp(table.addresses[peer], deadline=deadline)
+        scheme, address, reason = choice.choose(mode, choice.parse_address_set(table.addresses[peer]), peer)
+        conn = await _dial(scheme, address, deadline)
+        conn.reason = reason
         welcome = await handshake.connect(conn, token=token, world_id=table.world_id, rank=rank, world_size=n)
         if welcome.rank != peer:
             conn.abort()
-            raise AuthError(f"rank {rank} dialed rank {peer} at {table.addresses[peer]} "
-                            f"but reached rank {welcome.rank}")
+            raise AuthError(f"rank {rank} dialed rank {peer} at {address} but reached rank {welcome.rank}")
         conns[peer] = conn
 
-    async def accept_all() -> None:
+    async def accept_on(listener: Listener) -> None:
         while expected:
             conn = await listener.accept()
             hello = None
@@ -188,13 +228,28 @@ async def _connect_mesh(listener: TcpListener, table: rendezvous.RendezvousResul
                 await handshake.reject(conn, f"rank {rank} expects connections from ranks {sorted(expected)}, "
                                              f"not {hello.rank}")
                 continue
-            await conn.send_frame(wire.encode(wire.Welcome(rank)))
-            expected.discard(hello.rank)
+            expected.discard(hello.rank)  # before the next await: a second claim to this rank is refused
+            try:
+                await conn.send_frame(wire.encode(wire.Welcome(rank)))
+            except CommError:
+                expected.add(hello.rank)
+                conn.abort()
+                continue
+            conn.reason = "same host" if conn.transport == "shm" else f"chosen by rank {hello.rank}, which dialed"
             conns[hello.rank] = conn
+            if not expected:
+                all_in.set()
 
     try:
         with anyio.fail_after(max(0.0, deadline - anyio.current_time())), unwrap_group_errors():
             async with anyio.create_task_group() as tg:
+                async def accept_all() -> None:
+                    async with anyio.create_task_group() as accepting:
+                        for listener in listeners.values():
+                            accepting.start_soon(accept_on, listener)
+                        await all_in.wait()
+                        accepting.cancel_scope.cancel()
+
                 tg.start_soon(accept_all)
                 for peer in range(rank):
                     tg.start_soon(dial, peer)

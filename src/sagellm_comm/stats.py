@@ -45,6 +45,7 @@ class Stats:
     def __init__(self, keep: int = 1024) -> None:
         self.records: deque[OpRecord] = deque(maxlen=keep)
         self.counters: dict[str, OpCounter] = {}
+        self.links: dict[int, dict[str, str | int]] = {}  # group rank -> transport to it, and why
 
     def add(self, rec: OpRecord) -> None:
         self.records.append(rec)
@@ -65,6 +66,7 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "links": {str(k): v for k, v in self.links.items()},
             "counters": {k: asdict(v) for k, v in self.counters.items()},
             "records": [asdict(r) for r in self.records],
         }

@@ -1,4 +1,4 @@
-"""Transports by URL scheme: `inproc://`, `tcp://`; more register through `register`.
+"""Transports by URL scheme: `inproc://`, `tcp://`, `shm://`, `ucx://`; more register through `register`.
 
 Third-party transports can also be exposed through the `sagellm_comm.transports`
 entry-point group; they are loaded the first time an unknown scheme is asked for.
@@ -12,11 +12,21 @@ from importlib.metadata import entry_points
 from ..errors import InvalidArgument
 from .base import Connection, Listener, Transport
 from .inproc import InprocTransport
+from .shm import ShmTransport
 from .tcp import TcpTransport
+
+
+def _ucx() -> Transport:
+    from .ucx import UcxTransport  # imports ucxx only when asked for
+
+    return UcxTransport()
+
 
 _REGISTRY: dict[str, Callable[[], Transport]] = {
     "tcp": TcpTransport,
     "inproc": InprocTransport,
+    "shm": ShmTransport,
+    "ucx": _ucx,
 }
 
 

@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 
 import anyio
+import anyio.lowlevel
 
 Bytes = bytes | bytearray | memoryview
 
@@ -25,6 +26,7 @@ class Connection(ABC):
     """A reliable, ordered byte stream to one peer, written in whole frames."""
 
     transport: str = "?"
+    greedy_reads = True  # fill the read-ahead buffer as far as one read gives (saves syscalls)
 
     def __init__(self) -> None:
         self._send_lock = anyio.Lock()
@@ -33,6 +35,7 @@ class Connection(ABC):
         self._rstart = 0
         self._rend = 0
         self.peer: int = -1
+        self.reason = ""  # why this transport was chosen for this peer (for stats and `info`)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_send = time.monotonic()  # liveness clock: real time, cheap to read
@@ -83,6 +86,7 @@ class Connection(ABC):
         if payload is not None and len(payload):
             parts.append(memoryview(payload).cast("B"))
         nbytes = sum(len(p) for p in parts)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller writes nothing
         lock = self._send_lock
         try:
             lock.acquire_nowait()  # fast path: nobody else is writing
@@ -112,7 +116,8 @@ class Connection(ABC):
             self._rview[:n] = self._rview[self._rstart : self._rend]
             self._rstart, self._rend = 0, n
         while self._buffered() < need:
-            got = await self._recv_some(self._rview[self._rend :])
+            view = self._rview[self._rend :] if self.greedy_reads else self._rview[self._rend : self._rstart + need]
+            got = await self._recv_some(view)
             self._rend += got
             self.bytes_received += got
             self.last_receive = time.monotonic()
@@ -132,7 +137,7 @@ class Connection(ABC):
             view[:n] = self._rview[self._rstart : self._rstart + n]
             self._rstart += n
             return n
-        if len(view) >= DIRECT_READ_MIN:
+        if len(view) >= DIRECT_READ_MIN or not self.greedy_reads:
             got = await self._recv_some(view)
             self.bytes_received += got
             self.last_receive = time.monotonic()

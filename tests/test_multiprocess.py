@@ -1,7 +1,8 @@
-"""Real processes over real TCP sockets on 127.0.0.1: correctness and failure semantics.
+"""Real processes over real TCP sockets and shared memory: correctness and failure semantics.
 
 Each test starts one process per rank (tests/mp_worker.py) and bounds everything
-in time: processes are killed at the deadline, so a hang is a failure.
+in time: processes are killed at the deadline, so a hang is a failure. The
+transport is set per test through SAGELLM_COMM_TRANSPORT (auto picks shm here).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.multiprocess
 
 WORKER = str(Path(__file__).with_name("mp_worker.py"))
 BACKENDS = ["asyncio", "trio"]
+TRANSPORTS = ["tcp", "shm"]
 
 
 def free_port() -> int:
@@ -34,8 +36,9 @@ class Ranks:
     """The processes of one world, killed at exit whatever happened."""
 
     def __init__(self, scenario: str, world: int, backend: str, only: list[int] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, transport: str = "auto") -> None:
         self.port = port or free_port()
+        self.env = dict(os.environ, SAGELLM_COMM_TRANSPORT=transport)
         self.procs: dict[int, subprocess.Popen[str]] = {}
         for r in only if only is not None else range(world):
             self.start(scenario, r, world, backend)
@@ -43,7 +46,7 @@ class Ranks:
     def start(self, scenario: str, rank: int, world: int, backend: str) -> None:
         self.procs[rank] = subprocess.Popen(
             [sys.executable, WORKER, scenario, str(rank), str(world), str(self.port), backend],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
 
     def wait_line(self, rank: int, text: str, timeout: float) -> None:
         proc = self.procs[rank]
@@ -89,19 +92,28 @@ class Ranks:
         self.kill_all()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_op_across_processes(world: int, backend: str) -> None:
-    with Ranks("all_ops", world, backend) as ranks:
+def test_every_op_across_processes(world: int, backend: str, transport: str) -> None:
+    with Ranks("all_ops", world, backend, transport=transport) as ranks:
         results = ranks.results(timeout=90)
     for r, res in results.items():
         assert res["ok"], (r, res["checks"])
         assert res["world"] == world and res["rank"] == r
+        assert res["transport"] == transport, res
 
 
+def test_auto_picks_shared_memory_between_local_processes() -> None:
+    with Ranks("all_ops", 2, "asyncio", transport="auto") as ranks:
+        results = ranks.results(timeout=90)
+    assert all(res["ok"] and res["transport"] == "shm" for res in results.values()), results
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_killed_process_is_peer_lost_on_every_survivor(backend: str) -> None:
-    with Ranks("killed_peer", 3, backend) as ranks:
+def test_killed_process_is_peer_lost_on_every_survivor(backend: str, transport: str) -> None:
+    with Ranks("killed_peer", 3, backend, transport=transport) as ranks:
         for r in range(3):
             ranks.wait_line(r, "READY", timeout=60)
         time.sleep(0.3)  # survivors are now blocked in the second all_reduce
@@ -112,11 +124,13 @@ def test_killed_process_is_peer_lost_on_every_survivor(backend: str) -> None:
         assert float(res["seconds"]) < 10.0, (r, res)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_process_is_lost_within_heartbeat_bound(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frozen_process_is_lost_within_heartbeat_bound(backend: str, transport: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_TIMEOUT", "3")
     monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_INTERVAL", "0.5")
-    with Ranks("frozen_peer", 3, backend) as ranks:
+    with Ranks("frozen_peer", 3, backend, transport=transport) as ranks:
         for r in range(3):
             ranks.wait_line(r, "READY", timeout=60)
         ranks.procs[2].send_signal(signal.SIGSTOP)
@@ -137,10 +151,11 @@ def test_skipped_collective_times_out_and_breaks_the_group(backend: str) -> None
     assert results[1]["errors"] == ["CollectiveAborted"], results[1]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["mismatch_shape", "mismatch_kind"])
-def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str) -> None:
-    with Ranks(kind, 3, backend) as ranks:
+def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str, transport: str) -> None:
+    with Ranks(kind, 3, backend, transport=transport) as ranks:
         results = ranks.results(timeout=60)
     for r, res in results.items():
         assert res["error"] == "CollectiveMismatch", (r, res)
@@ -203,3 +218,26 @@ def test_torchrun_env_init(backend: str, tmp_path: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1], proc.stdout
     assert all(r["ok"] and r["world"] == 2 for r in results), results
+
+
+def _shm_names() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_rank_leaves_no_shared_memory_behind(backend: str) -> None:
+    before = _shm_names()
+    with Ranks("killed_peer", 3, backend, transport="shm") as ranks:
+        for r in range(3):
+            ranks.wait_line(r, "READY", timeout=60)
+        maps = Path(f"/proc/{ranks.procs[2].pid}/maps").read_text()
+        assert "memfd:sagellm-comm-shm" in maps  # the rings are anonymous memory, not /dev/shm files
+        ranks.procs[2].kill()
+        results = ranks.results(timeout=30, ranks=[0, 1])
+        assert all(res["error"] == "PeerLost" for res in results.values()), results
+    assert _shm_names() - before == set()
+    for proc in ranks.procs.values():
+        assert proc.poll() is not None

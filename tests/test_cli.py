@@ -61,3 +61,26 @@ def test_tiny_bench_against_gloo_writes_json(tmp_path: Path) -> None:
         assert row["ours"]["iters"] == row["gloo"]["iters"] == 5
         assert row["ours"]["algorithm"]
     assert "busbw" in out.stdout
+
+
+@pytest.mark.multiprocess
+def test_info_world_shows_the_transport_of_every_link() -> None:
+    out = run_cli("info", "--world", "3", "--transport", "tcp", timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    links = [ln for ln in out.stdout.splitlines() if "-> rank" in ln]
+    assert len(links) == 6 and all(": tcp" in ln for ln in links), out.stdout
+    assert "shm" in out.stdout and "ucx" in out.stdout  # availability lines
+
+
+@pytest.mark.multiprocess
+def test_tiny_transports_bench_writes_json(tmp_path: Path) -> None:
+    path = tmp_path / "tr.json"
+    out = run_cli("bench", "transports", "--transports", "tcp,shm", "--sizes", "4,1M", "--p2p-sizes", "64K",
+                  "--iters", "5", "--max-seconds", "0.05", "--no-gloo", "--json", str(path), timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads(path.read_text())
+    assert doc["all_ok"] is True
+    assert set(doc["p2p"]) == {"tcp", "shm"}
+    assert [r["bytes"] for r in doc["all_reduce"]["ours"]["shm"]] == [4, 1 << 20]
+    assert doc["p2p"]["shm"][0]["gbps"] > 0 and doc["memcpy_gbps"]["65536"] > 0
+    assert "memcpy" in out.stdout

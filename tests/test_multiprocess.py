@@ -26,6 +26,15 @@ BACKENDS = ["asyncio", "trio"]
 TRANSPORTS = ["tcp", "shm"]
 
 
+def _ucx_skip() -> str | None:
+    try:
+        from sagellm_comm.transports.ucx import ucx_available
+    except ImportError as e:
+        return str(e)
+    ok, why = ucx_available()
+    return None if ok else why
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,6 +111,17 @@ def test_every_op_across_processes(world: int, backend: str, transport: str) -> 
         assert res["ok"], (r, res["checks"])
         assert res["world"] == world and res["rank"] == r
         assert res["transport"] == transport, res
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_op_across_processes_over_ucx(backend: str) -> None:
+    reason = _ucx_skip()
+    if reason:
+        pytest.skip(reason)
+    with Ranks("all_ops", 3, backend, transport="ucx") as ranks:
+        results = ranks.results(timeout=90)
+    for r, res in results.items():
+        assert res["ok"] and res["transport"] == "ucx", (r, res)
 
 
 def test_auto_picks_shared_memory_between_local_processes() -> None:

@@ -176,7 +176,7 @@ def ours_worker(spec: dict[str, Any]) -> int:
     async def main() -> list[dict[str, Any]]:
         url = f"tcp://127.0.0.1:{spec['port']}"
         async with sc.init_process_group(url, rank=int(spec["rank"]), world_size=int(spec["world"]),
-                                         timeout=60.0) as comm:
+                                         timeout=60.0, transport=spec.get("transport")) as comm:
             return await _run_sizes(spec, _Ours(comm))
 
     rows = anyio.run(main, backend=spec["backend"])
@@ -225,7 +225,8 @@ def _summarize(runs: list[Any], world: int) -> list[dict[str, Any]]:
 
 def measure(kind: str, *, world: int, sizes: list[int], iters: int, warmup: int,
             max_seconds: float, backend: str, timeout: float | None = None,
-            on_size_done: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+            on_size_done: Callable[[int], None] | None = None,
+            transport: str | None = None) -> list[dict[str, Any]]:
     """Run one library's whole benchmark in a fresh set of `world` processes."""
     import tempfile
 
@@ -246,7 +247,7 @@ def measure(kind: str, *, world: int, sizes: list[int], iters: int, warmup: int,
     port = free_port()
     specs = [{"rank": r, "world": world, "port": port, "sizes": sizes, "iters": iters,
               "warmup": warmup, "max_seconds": max_seconds, "backend": backend,
-              "progress": progress} for r in range(world)]
+              "progress": progress, "transport": transport} for r in range(world)]
     limit = timeout if timeout is not None else 90.0 + len(sizes) * (4 * max_seconds + 30.0)
     try:
         runs = launch(kind, specs, timeout=limit, on_poll=poll)
@@ -316,7 +317,7 @@ def format_table(rows: list[dict[str, Any]], world: int, backend: str) -> str:
 
 def run(*, world: int, sizes: list[int], iters: int, warmup: int, max_seconds: float,
         backend: str, compare: str | None, json_path: str | None, argv: list[str] | None = None,
-        progress: bool = True) -> int:
+        progress: bool = True, transport: str | None = None) -> int:
     """The `bench all-reduce` command: measure ours, then gloo, print, optionally write JSON."""
     try:
         from tqdm import tqdm
@@ -332,7 +333,8 @@ def run(*, world: int, sizes: list[int], iters: int, warmup: int, max_seconds: f
                 bar.set_description(f"all_reduce {lib}")
             results[lib] = measure(lib, world=world, sizes=sizes, iters=iters, warmup=warmup,
                                    max_seconds=max_seconds, backend=backend,
-                                   on_size_done=bar.update if bar is not None else None)
+                                   on_size_done=bar.update if bar is not None else None,
+                                   transport=transport if lib == "ours" else None)
     finally:
         if bar is not None:
             bar.close()
@@ -340,7 +342,8 @@ def run(*, world: int, sizes: list[int], iters: int, warmup: int, max_seconds: f
     print(format_table(rows, world, backend))
     ok = all(r["ours"]["ok"] and (r["gloo"] is None or r["gloo"]["ok"]) for r in rows)
     if json_path:
-        settings = {"world": world, "backend": backend, "dtype": "float32", "op": "sum",
+        settings = {"world": world, "backend": backend, "transport": transport or "auto",
+                    "dtype": "float32", "op": "sum",
                     "iters_max": iters, "warmup": warmup, "max_seconds_per_size": max_seconds,
                     "compare": compare,
                     "statistic": "median over iterations of the slowest rank"}

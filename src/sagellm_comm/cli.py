@@ -34,7 +34,7 @@ def _add_demo(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce}")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports}")
     a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
                         help="all_reduce bandwidth and latency",
                         description="all_reduce (float32, sum) between WORLD local processes: "
@@ -54,6 +54,21 @@ def _add_bench(sub: Any) -> None:
     a.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
                    help="event loop for our ranks (default asyncio)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
+                   help="transport for our ranks (default: SAGELLM_COMM_TRANSPORT, else auto)")
+    t = bsub.add_parser("transports", help="tcp, shm and ucx side by side, against gloo and memcpy",
+                        description="2 local processes: all_reduce latency and bus bandwidth per "
+                                    "transport against gloo, and one-way point-to-point bandwidth "
+                                    "against a single-core memcpy, all in the same run.")
+    t.add_argument("--transports", default="",
+                   help="comma-separated (default: every one available here: tcp, shm, ucx)")
+    t.add_argument("--sizes", default="4,64K,1M,16M,64M", help="all_reduce sizes (default 4,64K,1M,16M,64M)")
+    t.add_argument("--p2p-sizes", default="4,64K,1M,16M,64M", help="p2p sizes (default 4,64K,1M,16M,64M)")
+    t.add_argument("--iters", type=int, default=200, help="timed iterations per size, at most")
+    t.add_argument("--max-seconds", type=float, default=1.0, help="about this many timed seconds per size")
+    t.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    t.add_argument("--no-gloo", action="store_true", help="skip the gloo comparison")
+    t.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                       help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
     w = sub.add_parser("_worker")
-    w.add_argument("kind", choices=["demo", "links", "ours", "gloo"])
+    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo"])
     w.add_argument("spec", help="JSON")
     return parser
 
@@ -138,11 +153,35 @@ def _worker(kind: str, spec_json: str) -> int:
         from .demo import links_worker
 
         return links_worker(spec)
+    if kind == "p2p":
+        from .bench_transports import p2p_worker
+
+        return p2p_worker(spec)
     from . import bench_allreduce
 
     if kind == "ours":
         return bench_allreduce.ours_worker(spec)
     return bench_allreduce.gloo_worker(spec)
+
+
+def _bench_transports(args: Any, argv: list[str] | None) -> int:
+    from . import bench_transports
+    from .bench_allreduce import WorkersFailed, parse_sizes
+
+    try:
+        ar_sizes, p2p_sizes = parse_sizes(args.sizes), parse_sizes(args.p2p_sizes)
+    except ValueError as e:
+        print(f"sagellm-comm bench transports: {e}", file=sys.stderr)
+        return 2
+    names = [t.strip() for t in args.transports.split(",") if t.strip()] or bench_transports.available_transports()
+    try:
+        return bench_transports.run(
+            transports=names, ar_sizes=ar_sizes, p2p_sizes=p2p_sizes, iters=args.iters,
+            max_seconds=args.max_seconds, backend=args.backend, compare_gloo=not args.no_gloo,
+            json_path=args.json, argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)])
+    except WorkersFailed as e:
+        print(f"sagellm-comm bench transports FAILED: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print("sagellm-comm demo: --world must be at least 1", file=sys.stderr)
             return 2
         return run_demo(args.world, args.backend, args.size_kib, args.timeout, args.transport)
+    if args.cmd == "bench" and args.bench == "transports":
+        return _bench_transports(args, argv)
     if args.cmd == "bench":
         from . import bench_allreduce
 
@@ -176,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_seconds=args.max_seconds, backend=args.backend,
                 compare=None if args.compare == "none" else args.compare, json_path=args.json,
                 argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)],
-                progress=not args.no_progress)
+                progress=not args.no_progress, transport=args.transport)
         except bench_allreduce.WorkersFailed as e:
             print(f"sagellm-comm bench FAILED: {e}", file=sys.stderr)
             return 1

@@ -324,7 +324,7 @@ class Communicator:
         try:
             self._check_early_frames(fp)
             if g.size > 1:
-                with _Deadline(limit, f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
+                with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
                     await body(ctx)
         except CommTimeout as e:
             self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"it timed out ({e})"), notify=True)
@@ -383,7 +383,7 @@ def _overlaps(a: Buffer, b: Buffer) -> bool:
 class _Deadline:
     """`fail_after` that raises CommTimeout naming the op (None: no limit)."""
 
-    def __init__(self, seconds: float | None, what: str) -> None:
+    def __init__(self, seconds: float | None, what: str | Callable[[], str]) -> None:
         self._seconds = seconds
         self._what = what
         self._scope: anyio.CancelScope | None = None
@@ -399,5 +399,6 @@ class _Deadline:
             return False
         swallowed = self._scope.__exit__(*exc)
         if self._scope.cancelled_caught:
-            raise CommTimeout(f"{self._what} did not complete within {self._seconds:g} s")
+            what = self._what if isinstance(self._what, str) else self._what()  # built only when needed
+            raise CommTimeout(f"{what} did not complete within {self._seconds:g} s")
         return bool(swallowed)

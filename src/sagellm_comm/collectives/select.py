@@ -7,6 +7,7 @@ talking. The reason is recorded in the op's stats record.
 from __future__ import annotations
 
 SMALL_BYTES = 64 * 1024  # below this, rounds (latency) cost more than bytes (bandwidth)
+PAIR_EXCHANGE_BYTES = 4 * 1024 * 1024  # measured on shm and tcp: one exchange beats the ring up to here
 
 
 def _kib(n: int) -> str:
@@ -18,6 +19,10 @@ def all_reduce(nbytes: int, size: int) -> tuple[str, str]:
         return "local", "world size 1"
     if nbytes <= SMALL_BYTES or nbytes < size * 1024:
         return "recursive_doubling", f"{_kib(nbytes)} <= {_kib(SMALL_BYTES)}: latency-bound, log2(p) rounds"
+    if size == 2 and nbytes <= PAIR_EXCHANGE_BYTES:
+        # two ranks: ring and doubling move the same bytes; doubling needs one round, not two
+        return "recursive_doubling", (f"2 ranks, {_kib(nbytes)} <= {_kib(PAIR_EXCHANGE_BYTES)}: same bytes as "
+                                      "the ring in one round instead of two; the ring wins once it pipelines")
     return "ring", f"{_kib(nbytes)} > {_kib(SMALL_BYTES)}: bandwidth-bound, ring reduce-scatter + all-gather"
 
 

@@ -50,10 +50,11 @@ from .base import Connection, Listener, Transport
 
 MAGIC = 0x53434F4D4D53484D  # "SCOMMSHM"
 CTRL_BYTES = 4096  # per direction: indices and flags, each on its own cache line
-DEFAULT_RING_BYTES = 4 * 1024 * 1024
+DEFAULT_RING_BYTES = 4 * 1024 * 1024  # per direction; with 1 MiB copies, the best of 1-16 MiB measured here
 MAX_RING_BYTES = 1 << 30
 COPY_CHUNK = 1024 * 1024  # indices advance at least this often, so the reader can start early
 DEFAULT_SPIN_US = 100.0
+MICRO_SPIN = 5e-6  # seconds of polling between two yields to the event loop
 SETUP_TIMEOUT = 5.0  # seconds an accepted socket has to hand over its segment
 RECHECK_AFTER_PARK = 0.001
 
@@ -206,11 +207,16 @@ class ShmConnection(Connection):
     async def _wait(self, ready: object, sock: socket.socket, parked_ring: Ring, slot: int) -> None:
         """Return when `ready()` holds, the peer is gone, or we are aborted: spin, then park."""
         check = ready  # a bound method returning truthy
-        deadline = time.perf_counter() + self._spin
-        while time.perf_counter() < deadline:
-            await anyio.lowlevel.checkpoint()
-            if check() or self._closed or self._peer_gone:  # type: ignore[operator]
-                return
+        now = time.perf_counter
+        deadline = now() + self._spin
+        while now() < deadline:
+            await anyio.lowlevel.checkpoint()  # let other tasks run between polls
+            burst = now() + MICRO_SPIN
+            while True:  # then poll without a trip through the event loop (its poll is a syscall)
+                if check() or self._closed or self._peer_gone:  # type: ignore[operator]
+                    return
+                if now() > burst:
+                    break
         ctrl = parked_ring.ctrl
         ctrl[slot] = 1
         try:

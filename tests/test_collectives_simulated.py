@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sagellm_comm as sc
+from sagellm_comm.collectives import select
 from sagellm_comm.testing import run_ranks
 
 pytestmark = pytest.mark.anyio
@@ -147,8 +148,27 @@ async def test_all_reduce_large_uses_ring(lib: str, dtype: str, ws: int) -> None
         want = reference([make(r, (LARGE,), dtype, seed=i) for r in range(ws)], op, dtype)
         for rank in range(ws):
             got, algo = results[rank][i]
-            assert algo == "ring"
+            nbytes = LARGE * (2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize)
+            assert algo == select.all_reduce(nbytes, ws)[0] and (algo == "ring" or ws == 2)
             assert_same(got, want)
+
+
+@pytest.mark.anyio
+async def test_two_ranks_switch_to_the_ring_above_one_exchange() -> None:
+    n = select.PAIR_EXCHANGE_BYTES // 4 + 1000  # float32 elements, just above the pair-exchange limit
+
+    async def body(comm: sc.Communicator) -> tuple[np.ndarray, str]:
+        x = np.arange(n, dtype=np.float32) * (comm.rank + 1)
+        await comm.all_reduce(x)
+        rec = comm.stats.last("all_reduce")
+        assert rec is not None
+        return x, rec.algorithm
+
+    with anyio.fail_after(60):
+        results = await run_ranks(2, body)
+    for x, algo in results:
+        assert algo == "ring"
+        np.testing.assert_array_equal(x, np.arange(n, dtype=np.float32) * 3)
 
 
 async def test_all_reduce_large_world_of_one_is_local() -> None:
@@ -209,7 +229,7 @@ async def test_all_reduce_bitwise_identical_on_every_rank(size: int, chunk_bytes
 
     with anyio.fail_after(30):
         results = await run_ranks(ws, body, chunk_bytes=chunk_bytes)
-    expected_algo = "ring" if size == LARGE else "recursive_doubling"
+    expected_algo = select.all_reduce(size * 4, ws)[0]  # 2 ranks: one exchange up to 4 MiB
     for i, op in enumerate(ops):
         arrs = [data(r, op).astype(np.float64) for r in range(ws)]
         want = functools.reduce(UFUNC[op], arrs)
@@ -655,7 +675,7 @@ async def test_stats_record_every_op() -> None:
         return comm.stats
 
     with anyio.fail_after(10):
-        results = await run_ranks(2, body)
+        results = await run_ranks(3, body)
     for stats in results:
         c = stats.counters["all_reduce"]
         assert c.calls == 2 and c.errors == 0

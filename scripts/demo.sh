@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: set up a fresh clone and run the demo (4 local processes over TCP,
+# One command: set up a fresh clone and run the demo (4 local processes over shared memory,
 # every collective checked against numpy, a table printed by rank 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,7 +20,8 @@ from typing import Any
 
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run and check every collective across local processes",
-                       description="Start WORLD local processes that join over TCP on 127.0.0.1, "
+                       description="Start WORLD local processes that rendezvous on 127.0.0.1 (links "
+                                   "over shared memory by default), "
                                    "run every collective at a small and a larger size, check each "
                                    "result against numpy on every rank; rank 0 prints a table.")
     p.add_argument("--world", type=int, default=4, help="number of processes (default 4)")

@@ -9,6 +9,7 @@ start the progress engine in a task group that lives as long as the `async with`
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -26,6 +27,8 @@ from .transports import choice, get_transport
 from .transports.base import Connection, Listener
 from .transports.shm import connect_shm
 from .transports.tcp import bind_listener, connect_tcp, parse_host_port
+
+log = logging.getLogger("sagellm_comm.init")
 
 DEFAULT_INIT_TIMEOUT = 300.0
 HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection has to authenticate
@@ -172,6 +175,11 @@ async def _open_listeners(mode: str, tcp_host: str) -> dict[str, Listener]:
         for scheme in choice.listen_schemes(mode):
             if scheme == "tcp":
                 listeners[scheme] = bind_listener(tcp_host)
+            elif mode == "auto":  # shared memory is an optimisation here: without it, TCP still works
+                try:
+                    listeners[scheme] = await get_transport(scheme).listen(tcp_host)
+                except (OSError, CommError) as e:
+                    log.warning("not offering %s (falling back to tcp for local peers): %s", scheme, e)
             else:
                 listeners[scheme] = await get_transport(scheme).listen(tcp_host)
     except BaseException:

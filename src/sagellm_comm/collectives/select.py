@@ -6,6 +6,8 @@ talking. The reason is recorded in the op's stats record.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 SMALL_BYTES = 64 * 1024  # below this, rounds (latency) cost more than bytes (bandwidth)
 PAIR_EXCHANGE_BYTES = 4 * 1024 * 1024  # measured on shm and tcp: one exchange beats the ring up to here
 
@@ -14,6 +16,7 @@ def _kib(n: int) -> str:
     return f"{n / 1024:g} KiB" if n >= 1024 else f"{n} B"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def all_reduce(nbytes: int, size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"
@@ -26,6 +29,7 @@ def all_reduce(nbytes: int, size: int) -> tuple[str, str]:
     return "ring", f"{_kib(nbytes)} > {_kib(SMALL_BYTES)}: bandwidth-bound, ring reduce-scatter + all-gather"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def all_gather(total_bytes: int, size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"
@@ -34,6 +38,7 @@ def all_gather(total_bytes: int, size: int) -> tuple[str, str]:
     return "ring", f"{_kib(total_bytes)} gathered > {_kib(SMALL_BYTES)}: bandwidth-bound ring"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def reduce_scatter(total_bytes: int, size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"
@@ -42,18 +47,21 @@ def reduce_scatter(total_bytes: int, size: int) -> tuple[str, str]:
     return "ring", f"{_kib(total_bytes)} > {_kib(SMALL_BYTES)}: bandwidth-bound ring"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def broadcast(nbytes: int, size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"
     return "binomial_tree", "log2(p) depth, chunks pipelined down the tree"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def all_to_all(nbytes: int, size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"
     return "pairwise", "every chunk goes straight to its rank"
 
 
+@lru_cache(maxsize=1024)  # a pure rule of (size, world), asked on every op
 def barrier(size: int) -> tuple[str, str]:
     if size == 1:
         return "local", "world size 1"

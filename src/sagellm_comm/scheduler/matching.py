@@ -49,7 +49,7 @@ class Unexpected:
 class Recv:
     """A posted receive: where the message for (src, channel) should land."""
 
-    __slots__ = ("_done", "channel", "dest", "error", "fp", "received", "src", "state", "total")
+    __slots__ = ("_event", "_finished", "channel", "dest", "error", "fp", "received", "src", "state", "total")
 
     def __init__(self, src: int, channel: Channel, dest: memoryview, fp: Fingerprint | None):
         self.src = src
@@ -60,26 +60,35 @@ class Recv:
         self.received = 0
         self.total = len(dest)
         self.error: BaseException | None = None
-        self._done = anyio.Event()
+        self._finished = False
+        self._event: anyio.Event | None = None  # made only if someone waits before it finishes
 
     def complete(self) -> None:
         self.state = "done"
-        self._done.set()
+        self._finish()
 
     def fail(self, error: BaseException) -> None:
         if self.state in ("done", "failed", "cancelled"):
             return
         self.state = "failed"
         self.error = error
-        self._done.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._finished = True
+        if self._event is not None:
+            self._event.set()
 
     @property
     def finished(self) -> bool:
-        return self._done.is_set()
+        return self._finished
 
     async def wait(self) -> None:
         """Wait until the message has landed in `dest`; raise what failed it."""
-        await self._done.wait()
+        if not self._finished:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
         if self.error is not None:
             raise self.error
 

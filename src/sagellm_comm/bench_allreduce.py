@@ -347,11 +347,20 @@ def run(*, world: int, sizes: list[int], iters: int, warmup: int, max_seconds: f
                     "iters_max": iters, "warmup": warmup, "max_seconds_per_size": max_seconds,
                     "compare": compare,
                     "statistic": "median over iterations of the slowest rank"}
-        doc = {"benchmark": "all_reduce", "command": argv, "machine": machine_info(),
-               "settings": settings, "results": rows, "all_ok": ok}
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"# wrote {json_path}")
+        write_report(json_path, {"benchmark": "all_reduce", "command": argv, "machine": machine_info(),
+                                 "settings": settings, "results": rows, "all_ok": ok})
+    return finish(ok)
+
+
+def write_report(path: str, doc: dict[str, Any]) -> None:
+    """A benchmark's JSON file: results beside the machine and the settings they came from."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"# wrote {path}")
+
+
+def finish(ok: bool) -> int:
+    """Exit code of a benchmark: a wrong result fails it, whatever the speed."""
     if not ok:
         print("# some results were WRONG", file=sys.stderr)
     return 0 if ok else 1

@@ -176,9 +176,5 @@ def run(*, transports: list[str], ar_sizes: list[int], p2p_sizes: list[int], ite
                             "max_seconds_per_size": max_seconds},
                "all_reduce": {"ours": ar, "gloo": gloo}, "p2p": p2p,
                "memcpy_gbps": {str(k): v for k, v in memcpy.items()}, "all_ok": ok}
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"# wrote {json_path}")
-    if not ok:
-        print("# some results were WRONG", file=sys.stderr)
-    return 0 if ok else 1
+        bench_allreduce.write_report(json_path, doc)
+    return bench_allreduce.finish(ok)

@@ -26,7 +26,7 @@ import anyio
 
 from .. import wire
 from ..errors import PeerLost, ProtocolError
-from ..transports.base import Connection, Transport
+from ..transports.base import Connection, Transport, connected_pair
 
 PairFactory = Callable[[], AbstractAsyncContextManager[tuple[Connection, Connection]]]
 Check = Callable[[PairFactory], Awaitable[None]]
@@ -85,25 +85,10 @@ async def _tasks(*conns: Connection) -> AsyncIterator[Spawn]:
             raise
 
 
-@asynccontextmanager
-async def listener_pair(transport: Transport, host: str = "127.0.0.1") -> AsyncIterator[tuple[Connection, Connection]]:
+def listener_pair(transport: Transport, host: str = "127.0.0.1") -> AbstractAsyncContextManager[
+        tuple[Connection, Connection]]:
     """(dialer end, acceptor end) of one connection through `transport`'s listener."""
-    listener = await transport.listen(host)
-    ends: dict[str, Connection] = {}
-    try:
-        async with anyio.create_task_group() as tg:
-            async def accept() -> None:
-                ends["b"] = await listener.accept()
-
-            tg.start_soon(accept)
-            ends["a"] = await transport.connect(listener.address)
-    finally:
-        await listener.aclose()
-    try:
-        yield ends["a"], ends["b"]
-    finally:
-        for c in ends.values():
-            c.abort()
+    return connected_pair(transport, host)
 
 
 def _frame(sender: int, seq: int, nbytes: int) -> tuple[bytes, bytes]:

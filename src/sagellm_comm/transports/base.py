@@ -10,11 +10,16 @@ read straight into the caller's memory.
 
 from __future__ import annotations
 
+import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.lowlevel
+
+from ..errors import PeerLost
 
 Bytes = bytes | bytearray | memoryview
 
@@ -176,3 +181,57 @@ class Transport(ABC):
     @abstractmethod
     async def connect(self, address: str) -> Connection: ...
 
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close `sock`, first waking every task waiting on it (they see ClosedResourceError)."""
+    try:
+        anyio.notify_closing(sock)
+    except Exception:
+        pass
+    sock.close()
+
+
+class SocketListener(Listener):
+    """A listener over a non-blocking listening socket (TCP, or shm's Unix socket)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._closed = False
+
+    async def _accept_socket(self) -> socket.socket:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+                return conn
+            except BlockingIOError:
+                try:
+                    await anyio.wait_readable(self._sock)
+                except (anyio.ClosedResourceError, OSError, ValueError):
+                    raise PeerLost("listener closed") from None
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            close_socket(self._sock)
+
+
+@asynccontextmanager
+async def connected_pair(transport: Transport, host: str = "127.0.0.1") -> AsyncIterator[tuple[Connection, Connection]]:
+    """(dialer end, acceptor end) of one connection through `transport`'s listener; aborted on exit."""
+    listener = await transport.listen(host)
+    ends: dict[str, Connection] = {}
+    try:
+        async with anyio.create_task_group() as tg:
+            async def accept() -> None:
+                ends["b"] = await listener.accept()
+
+            tg.start_soon(accept)
+            ends["a"] = await transport.connect(listener.address)
+    finally:
+        await listener.aclose()
+    try:
+        yield ends["a"], ends["b"]
+    finally:
+        for c in ends.values():
+            c.abort()

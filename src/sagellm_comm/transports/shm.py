@@ -46,7 +46,7 @@ import anyio
 import anyio.lowlevel
 
 from ..errors import CommTimeout, InvalidArgument, PeerLost
-from .base import Connection, Listener, Transport
+from .base import Connection, Listener, SocketListener, Transport, close_socket
 
 MAGIC = 0x53434F4D4D53484D  # "SCOMMSHM"
 CTRL_BYTES = 4096  # per direction: indices and flags, each on its own cache line
@@ -304,12 +304,8 @@ class ShmConnection(Connection):
         if self._closed:
             return
         self._closed = True
-        for s in (self._bell, self._space_bell):
-            try:
-                anyio.notify_closing(s)
-            except Exception:
-                pass
-            s.close()
+        close_socket(self._bell)
+        close_socket(self._space_bell)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -372,31 +368,24 @@ def parse_address(address: str) -> tuple[str, str]:
     return key, name
 
 
-class ShmListener(Listener):
+class ShmListener(SocketListener):
     def __init__(self, ring_size: int) -> None:
         self._name = f"sagellm-comm-{os.getpid()}-{secrets.token_hex(6)}"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.bind("\0" + self._name)
-            self._sock.listen(128)
+            sock.bind("\0" + self._name)
+            sock.listen(128)
         except OSError:
-            self._sock.close()
+            sock.close()
             raise
-        self._sock.setblocking(False)
+        sock.setblocking(False)
+        super().__init__(sock)
         self.address = f"shm://{host_key()}/{self._name}"
-        self._closed = False
 
     async def accept(self) -> Connection:
         """The next peer that hands over a well-formed segment; others are dropped."""
         while True:
-            try:
-                sock, _ = self._sock.accept()
-            except BlockingIOError:
-                try:
-                    await anyio.wait_readable(self._sock)
-                except (anyio.ClosedResourceError, OSError, ValueError):
-                    raise PeerLost("listener closed") from None
-                continue
+            sock = await self._accept_socket()
             sock.setblocking(False)
             conn = None
             with anyio.move_on_after(SETUP_TIMEOUT):
@@ -404,15 +393,6 @@ class ShmListener(Listener):
             if conn is not None:
                 return conn
             sock.close()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                anyio.notify_closing(self._sock)
-            except Exception:
-                pass
-            self._sock.close()
 
 
 async def _accept_segment(sock: socket.socket) -> ShmConnection | None:

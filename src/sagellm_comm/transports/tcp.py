@@ -17,7 +17,7 @@ import socket
 import anyio
 
 from ..errors import CommTimeout, InvalidArgument, PeerLost
-from .base import Connection, Listener, Transport
+from .base import Connection, Listener, SocketListener, Transport, close_socket
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -118,11 +118,7 @@ class TcpConnection(Connection):
         if self._closed:
             return
         self._closed = True
-        try:
-            anyio.notify_closing(self._sock)
-        except Exception:
-            pass
-        self._sock.close()
+        close_socket(self._sock)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -136,33 +132,14 @@ class TcpConnection(Connection):
             pass
 
 
-class TcpListener(Listener):
+class TcpListener(SocketListener):
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+        super().__init__(sock)
         host, port = sock.getsockname()[:2]
         self.address = format_address(host, port)
-        self._closed = False
 
     async def accept(self) -> Connection:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except BlockingIOError:
-                try:
-                    await anyio.wait_readable(self._sock)
-                except (anyio.ClosedResourceError, OSError, ValueError):
-                    raise PeerLost("listener closed") from None
-                continue
-            return TcpConnection(conn)
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                anyio.notify_closing(self._sock)
-            except Exception:
-                pass
-            self._sock.close()
+        return TcpConnection(await self._accept_socket())
 
 
 def bind_listener(host: str, port: int = 0, backlog: int = 128) -> TcpListener:

@@ -51,8 +51,8 @@ import struct
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ import anyio
 import anyio.lowlevel
 
 from ..errors import CommTimeout, InvalidArgument, PeerLost, ProtocolError
-from .base import DIRECT_READ_MIN, Connection, Listener, Transport
+from .base import DIRECT_READ_MIN, Connection, Listener, Transport, connected_pair
 
 log = logging.getLogger("sagellm_comm.ucx")
 
@@ -617,23 +617,6 @@ class UcxTransport(Transport):
         return conn
 
 
-@asynccontextmanager
-async def ucx_pair() -> AsyncIterator[tuple[Connection, Connection]]:
+def ucx_pair() -> AbstractAsyncContextManager[tuple[Connection, Connection]]:
     """(dialer end, acceptor end) of one connection inside this process; both aborted on exit."""
-    transport = UcxTransport()
-    listener = await transport.listen("")
-    ends: dict[str, Connection] = {}
-    try:
-        async with anyio.create_task_group() as tg:
-            async def accept() -> None:
-                ends["b"] = await listener.accept()
-
-            tg.start_soon(accept)
-            ends["a"] = await transport.connect(listener.address)
-    finally:
-        await listener.aclose()
-    try:
-        yield ends["a"], ends["b"]
-    finally:
-        for c in ends.values():
-            c.abort()
+    return connected_pair(UcxTransport(), "")

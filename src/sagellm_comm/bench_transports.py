@@ -115,6 +115,12 @@ def measure_p2p(transport: str, sizes: list[int], iters: int, max_seconds: float
     return out
 
 
+def _row(nbytes: int, measured: list[dict[str, Any]], bw_key: str) -> str:
+    """One table line: the size, then time and bandwidth of each transport."""
+    cells = [f"{m['time_us']:>9.1f} {m[bw_key]:>7.3f}" for m in measured]
+    return f"{fmt_bytes(nbytes):>8} | " + " | ".join(cells)
+
+
 def run(*, transports: list[str], ar_sizes: list[int], p2p_sizes: list[int], iters: int,
         max_seconds: float, backend: str, compare_gloo: bool, json_path: str | None,
         argv: list[str] | None = None) -> int:
@@ -139,14 +145,9 @@ def run(*, transports: list[str], ar_sizes: list[int], p2p_sizes: list[int], ite
     if gloo:
         head += f" | {'gloo us':>9} {'gloo bw':>7} | " + " ".join(f"{t + '/gloo':>9}" for t in transports)
     lines.append(head)
-    ok = True
+    ok = all(m["ok"] for rows in (*ar.values(), *p2p.values()) for m in rows)
     for i, n in enumerate(ar_sizes):
-        cells = []
-        for t in transports:
-            m = ar[t][i]
-            ok = ok and m["ok"]
-            cells.append(f"{m['time_us']:>9.1f} {m['busbw_gbps']:>7.3f}")
-        line = f"{fmt_bytes(n):>8} | " + " | ".join(cells)
+        line = _row(n, [ar[t][i] for t in transports], "busbw_gbps")
         if gloo:
             g = gloo[i]
             ratios = [(ar[t][i]["busbw_gbps"] / g["busbw_gbps"]) if n >= 64 * 1024 else
@@ -160,12 +161,7 @@ def run(*, transports: list[str], ar_sizes: list[int], p2p_sizes: list[int], ite
     head += f" | {'memcpy':>7} | " + " ".join(f"{t + '/cpy':>8}" for t in transports)
     lines.append(head)
     for i, n in enumerate(p2p_sizes):
-        cells = []
-        for t in transports:
-            m = p2p[t][i]
-            ok = ok and m["ok"]
-            cells.append(f"{m['time_us']:>9.1f} {m['gbps']:>7.3f}")
-        line = f"{fmt_bytes(n):>8} | " + " | ".join(cells)
+        line = _row(n, [p2p[t][i] for t in transports], "gbps")
         if n in memcpy:
             line += f" | {memcpy[n]:>7.2f} | " + " ".join(f"{p2p[t][i]['gbps'] / memcpy[n]:>8.2f}" for t in transports)
         lines.append(line)

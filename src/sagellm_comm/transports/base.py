@@ -47,9 +47,21 @@ class Connection(ABC):
         self.last_receive = self.last_send
 
     # -- what a transport implements -------------------------------------------------
-    @abstractmethod
     async def _send_parts(self, parts: list[memoryview]) -> None:
-        """Write every byte of `parts`, in order; raise PeerLost if the stream broke."""
+        """Write every byte of `parts`, in order; raise PeerLost if the stream broke.
+
+        The default alternates `_send_now` with `_wait_writable`; a transport
+        implements those two, or overrides this.
+        """
+        while True:
+            parts = self._send_now(parts)
+            if not parts:
+                return
+            await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        """Wait until `_send_now` can write more (or would raise PeerLost)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _send_parts nor _wait_writable")
 
     def _send_now(self, parts: list[memoryview]) -> list[memoryview]:
         """Write what can be written without waiting; return what is left (in place).

@@ -40,6 +40,7 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Callable
 from functools import cache
 
 import anyio
@@ -204,16 +205,15 @@ class ShmConnection(Connection):
                 self._peer_gone = True
                 return
 
-    async def _wait(self, ready: object, sock: socket.socket, parked_ring: Ring, slot: int) -> None:
-        """Return when `ready()` holds, the peer is gone, or we are aborted: spin, then park."""
-        check = ready  # a bound method returning truthy
+    async def _wait(self, check: Callable[[], bool], sock: socket.socket, parked_ring: Ring, slot: int) -> None:
+        """Return when `check()` holds, the peer is gone, or we are aborted: spin, then park."""
         now = time.perf_counter
         deadline = now() + self._spin
         while now() < deadline:
             await anyio.lowlevel.checkpoint()  # let other tasks run between polls
             burst = now() + MICRO_SPIN
             while True:  # then poll without a trip through the event loop (its poll is a syscall)
-                if check() or self._closed or self._peer_gone:  # type: ignore[operator]
+                if check() or self._closed or self._peer_gone:
                     return
                 if now() > burst:
                     break
@@ -221,7 +221,7 @@ class ShmConnection(Connection):
         ctrl[slot] = 1
         try:
             bounded = True
-            while not (check() or self._closed or self._peer_gone):  # type: ignore[operator]
+            while not (check() or self._closed or self._peer_gone):
                 try:
                     if bounded:
                         with anyio.move_on_after(RECHECK_AFTER_PARK):
@@ -250,29 +250,21 @@ class ShmConnection(Connection):
         if self._peer_gone:
             raise PeerLost(f"{self._name} has gone (its process closed the connection)")
         out = self._out
-        wrote = False
         while parts:
             head = parts[0]
             n = out.write_some(head)
             if n == 0:
                 break
-            wrote = True
             if n == len(head):
                 parts.pop(0)
             else:
                 parts[0] = head[n:]
-            if out.ctrl[READER_PARKED]:
+            if out.ctrl[READER_PARKED]:  # after every step, so a parked reader starts copying out early
                 self._ring(self._bell)
-        if wrote and out.ctrl[READER_PARKED]:
-            self._ring(self._bell)
         return parts
 
-    async def _send_parts(self, parts: list[memoryview]) -> None:
-        while True:
-            parts = self._send_now(parts)
-            if not parts:
-                return
-            await self._wait(self._space, self._space_bell, self._out, WRITER_PARKED)
+    async def _wait_writable(self) -> None:
+        await self._wait(self._space, self._space_bell, self._out, WRITER_PARKED)
 
     async def _recv_some(self, view: memoryview) -> int:
         inp = self._in

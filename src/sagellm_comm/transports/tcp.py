@@ -85,12 +85,8 @@ class TcpConnection(Connection):
                     n = 0
         return parts
 
-    async def _send_parts(self, parts: list[memoryview]) -> None:
-        while True:
-            parts = self._send_now(parts)
-            if not parts:
-                return
-            await self._wait(anyio.wait_writable)
+    async def _wait_writable(self) -> None:
+        await self._wait(anyio.wait_writable)
 
     async def _recv_some(self, view: memoryview) -> int:
         sock = self._sock

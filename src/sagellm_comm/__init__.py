@@ -21,6 +21,7 @@ from .errors import (
 )
 from .group import Communicator
 from .init import init_process_group
+from .scheduler import device
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "TransferCancelled",
     "UnsupportedBuffer",
+    "device",
     "init_process_group",
     "testing",
 ]

@@ -35,7 +35,7 @@ def _add_demo(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports}")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl}")
     a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
                         help="all_reduce bandwidth and latency",
                         description="all_reduce (float32, sum) between WORLD local processes: "
@@ -70,6 +70,41 @@ def _add_bench(sub: Any) -> None:
     t.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     t.add_argument("--no-gloo", action="store_true", help="skip the gloo comparison")
     t.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    g = bsub.add_parser("gpu", help="CUDA completion latency, idle CPU, overhead vs NCCL, staging vs PCIe",
+                        description="On a CUDA machine: how soon an awaiting task sees a kernel finish (vs a "
+                                    "bare polling loop), CPU use idle and waiting, host time of an awaited "
+                                    "all_reduce vs torch.distributed NCCL, and host-staged CUDA transfers "
+                                    "between two processes vs pinned PCIe copies, in one run.")
+    g.add_argument("--kernels-us", default="0,50,500,5000", help="kernel lengths for the latency test")
+    g.add_argument("--trials", type=int, default=200, help="trials per kernel length")
+    g.add_argument("--iters", type=int, default=2000, help="all_reduce calls per overhead round")
+    g.add_argument("--staged-sizes", default="16M,64M,256M", help="sizes of the staged transfer")
+    g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    g.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    o = bsub.add_parser("overlap", help="decode-loop overlap of compute and communication, vs sequential",
+                        description="Matmuls on a compute stream and an all_reduce (or a KV offload) on the "
+                                    "communication stream per step: compute alone, comm alone, sequential "
+                                    "and overlapped loops in one run; prints the overlap efficiency.")
+    o.add_argument("--mode", choices=["all-reduce", "offload"], default="all-reduce")
+    o.add_argument("--world", type=int, default=2, help="processes for all-reduce (one GPU each if there)")
+    o.add_argument("--hidden", type=int, default=8192)
+    o.add_argument("--tokens", type=int, default=256, help="rows of the activation (batch x tokens)")
+    o.add_argument("--matmuls", type=int, default=16, help="matrix products per step")
+    o.add_argument("--comm-bytes", default="64M", help="bytes communicated per step")
+    o.add_argument("--steps", type=int, default=30)
+    o.add_argument("--rounds", type=int, default=3)
+    o.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    o.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    n = bsub.add_parser("nccl", help="awaited collectives on CUDA vs bare torch.distributed NCCL, 1 process/GPU",
+                        description="all_reduce, all_gather, reduce_scatter on float32 CUDA tensors, one process "
+                                    "per GPU: time and bus bandwidth of `await comm.<op>` against "
+                                    "torch.distributed's NCCL calls in the same processes, size by size.")
+    n.add_argument("--world", type=int, default=0, help="processes, one per GPU (default: every GPU)")
+    n.add_argument("--sizes", default="8,64K,1M,16M,64M,256M,1G", help="total bytes per op")
+    n.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
+    n.add_argument("--iters", type=int, default=500, help="iterations per size, at most")
+    n.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    n.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                       help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
     w = sub.add_parser("_worker")
-    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo"])
+    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo", "gpu-overhead", "gpu-staged",
+                                    "overlap", "nccl"])
     w.add_argument("spec", help="JSON")
     return parser
 
@@ -158,6 +194,18 @@ def _worker(kind: str, spec_json: str) -> int:
         from .bench_transports import p2p_worker
 
         return p2p_worker(spec)
+    if kind in ("gpu-overhead", "gpu-staged"):
+        from . import bench_gpu
+
+        return bench_gpu.overhead_worker(spec) if kind == "gpu-overhead" else bench_gpu.staged_worker(spec)
+    if kind == "overlap":
+        from .bench_overlap import overlap_worker
+
+        return overlap_worker(spec)
+    if kind == "nccl":
+        from .bench_nccl import nccl_worker
+
+        return nccl_worker(spec)
     from . import bench_allreduce
 
     if kind == "ours":
@@ -185,6 +233,40 @@ def _bench_transports(args: Any, argv: list[str] | None) -> int:
         return 1
 
 
+def _bench_device(args: Any, argv: list[str] | None) -> int:
+    from .bench_allreduce import WorkersFailed, parse_sizes
+
+    cmd = ["sagellm-comm", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        if args.bench == "gpu":
+            from . import bench_gpu
+
+            return bench_gpu.run(durations_us=[float(x) for x in args.kernels_us.split(",")], trials=args.trials,
+                                 overhead_iters=args.iters, staged_sizes=parse_sizes(args.staged_sizes),
+                                 backend=args.backend, json_path=args.json, argv=cmd)
+        if args.bench == "nccl":
+            from . import bench_nccl
+
+            return bench_nccl.run(world=args.world, sizes=parse_sizes(args.sizes),
+                                  ops=[o.strip() for o in args.ops.split(",") if o.strip()], iters=args.iters,
+                                  backend=args.backend, json_path=args.json, argv=cmd)
+        from . import bench_overlap
+
+        return bench_overlap.run(mode=args.mode, world=args.world, hidden=args.hidden, tokens=args.tokens,
+                                 matmuls=args.matmuls, comm_bytes=parse_sizes(args.comm_bytes)[0],
+                                 steps=args.steps, rounds=args.rounds, backend=args.backend,
+                                 json_path=args.json, argv=cmd)
+    except ValueError as e:
+        print(f"sagellm-comm bench {args.bench}: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"sagellm-comm bench {args.bench} needs torch with CUDA: {e}", file=sys.stderr)
+        return 2
+    except WorkersFailed as e:
+        print(f"sagellm-comm bench {args.bench} FAILED: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sagellm-comm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -201,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.world, args.backend, args.size_kib, args.timeout, args.transport)
     if args.cmd == "bench" and args.bench == "transports":
         return _bench_transports(args, argv)
+    if args.cmd == "bench" and args.bench in ("gpu", "overlap", "nccl"):
+        return _bench_device(args, argv)
     if args.cmd == "bench":
         from . import bench_allreduce
 

@@ -19,6 +19,7 @@ import numpy as np
 from .buffers import Buffer, as_buffer, check_op, empty_like, view_elements
 from .collectives import direct, doubling, ring, select, tree
 from .collectives.context import OpContext
+from .device_ops import NCCL_OPS, DeviceOps, DeviceTensor, is_cuda, priority_level
 from .errors import (
     CollectiveMismatch,
     CommClosed,
@@ -28,9 +29,13 @@ from .errors import (
     PeerLost,
     restate,
 )
+from .fusion import FusedBucket
+from .overlap import Overlap
+from .scheduler import device
 from .scheduler.engine import Engine
 from .scheduler.ordering import GroupState, aborted
 from .stats import OpRecord, Stats
+from .transports.nccl import TorchLane
 from .wire import Fingerprint
 
 T = TypeVar("T")
@@ -46,8 +51,10 @@ class Communicator:
 
     def __init__(self, engine: Engine, group: GroupState, *, timeout: float | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, transport: str | None = None,
-                 owns_engine: bool = False) -> None:
+                 owns_engine: bool = False, backend: str = "auto") -> None:
         self._engine = engine
+        self._backend = backend
+        self._device: DeviceOps | None = None
         self._group = group
         self._timeout = timeout
         self._chunk_bytes = chunk_bytes
@@ -93,12 +100,23 @@ class Communicator:
         return f"<Communicator group={self.group_id!r} rank={self.rank}/{self.world_size} transport={self.transport}>"
 
     # -- collectives -----------------------------------------------------------------------
-    async def all_reduce(self, tensor: T, op: str = "sum", *, timeout: float | None = None) -> T:
+    async def all_reduce(self, tensor: T, op: str = "sum", *, timeout: float | None = None,
+                         priority: str = "normal") -> T:
         """Reduce `tensor` across ranks, in place; returns `tensor`.
 
         op: sum, prod, min, max, avg (floating dtypes only), band, bor, bxor (integers, bool).
         Every rank ends with bitwise-identical results.
+        priority: "high" (decode-critical: its frames and kernels go before queued
+        "normal" and "low" work), "normal" or "low".
         """
+        level = priority_level(priority)
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            check_op(op, dt.dtype)
+            await self._on_device("all_reduce", dt, lambda lane: lane.all_reduce(tensor, op),
+                                  lambda h, o: self.all_reduce(h[0], op, timeout=timeout, priority=priority),
+                                  [tensor], [tensor], level, timeout, op=op)
+            return tensor
         buf = as_buffer(tensor)
         check_op(op, buf.dtype)
         algo, why = select.all_reduce(buf.nbytes, self.world_size)
@@ -109,14 +127,26 @@ class Communicator:
             else:
                 await doubling.all_reduce(ctx, buf, op)
 
-        await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout)
+        await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout, priority=level)
         return tensor
 
-    async def all_gather(self, tensor: T, *, out: T | None = None, timeout: float | None = None) -> T:
+    async def all_gather(self, tensor: T, *, out: T | None = None, timeout: float | None = None,
+                         priority: str = "normal") -> T:
         """An array/tensor of shape (world_size, *tensor.shape): row i is rank i's input.
 
         Pass `out` (same library and dtype, that shape) to receive into memory you reuse.
         """
+        level = priority_level(priority)
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            res = _device_output(out, dt, (self.world_size, *dt.shape))
+
+            async def host_gather(h: list[Any], o: list[Any]) -> None:
+                await self.all_gather(h[0], out=o[0], timeout=timeout, priority=priority)
+
+            await self._on_device("all_gather", dt, lambda lane: lane.all_gather(res, tensor), host_gather,
+                                  [tensor], [res], level, timeout)
+            return res  # type: ignore[no-any-return]
         buf = as_buffer(tensor, writable=False)
         result = _output(out, buf, (self.world_size, *buf.shape))
         result.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
@@ -125,20 +155,32 @@ class Communicator:
         async def body(ctx: OpContext) -> None:
             await (ring.all_gather(ctx, result) if algo == "ring" else direct.all_gather(ctx, result))
 
-        await self._collective("all_gather", buf, body, algo, why, timeout=timeout)
+        await self._collective("all_gather", buf, body, algo, why, timeout=timeout, priority=level)
         return result.obj  # type: ignore[no-any-return]
 
     async def reduce_scatter(self, tensor: T, op: str = "sum", *, out: T | None = None,
-                             timeout: float | None = None) -> T:
+                             timeout: float | None = None, priority: str = "normal") -> T:
         """Split dim 0 into world_size equal chunks; return this rank's chunk reduced over ranks.
 
         `tensor` is not modified. Pass `out` (shape (dim0 / world_size, ...)) to reuse memory.
         """
+        level = priority_level(priority)
+        n = self.world_size
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            check_op(op, dt.dtype)
+            _check_split("reduce_scatter", dt.shape, n)
+            res = _device_output(out, dt, (dt.shape[0] // n, *dt.shape[1:]))
+
+            async def host_rs(h: list[Any], o: list[Any]) -> None:
+                await self.reduce_scatter(h[0], op, out=o[0], timeout=timeout, priority=priority)
+
+            await self._on_device("reduce_scatter", dt, lambda lane: lane.reduce_scatter(res, tensor, op), host_rs,
+                                  [tensor], [res], level, timeout, op=op)
+            return res  # type: ignore[no-any-return]
         buf = as_buffer(tensor, writable=False)
         check_op(op, buf.dtype)
-        n = self.world_size
-        if not buf.shape or buf.shape[0] % n:
-            raise InvalidArgument(f"reduce_scatter needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
+        _check_split("reduce_scatter", buf.shape, n)
         rows = buf.shape[0] // n
         result = _output(out, buf, (rows, *buf.shape[1:]))
         algo, why = select.reduce_scatter(buf.nbytes, n)
@@ -155,68 +197,105 @@ class Communicator:
 
         if n == 1:
             result.raw[:] = buf.raw
-        await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout)
+        await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout, priority=level)
         return result.obj  # type: ignore[no-any-return]
 
-    async def broadcast(self, tensor: T, root: int = 0, *, timeout: float | None = None) -> T:
+    async def broadcast(self, tensor: T, root: int = 0, *, timeout: float | None = None,
+                        priority: str = "normal") -> T:
         """Copy root's `tensor` into every rank's `tensor`, in place; returns `tensor`."""
-        buf = as_buffer(tensor)
+        level = priority_level(priority)
         self._check_rank(root, "root")
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            await self._on_device("broadcast", dt, lambda lane: lane.broadcast(tensor, root),
+                                  lambda h, o: self.broadcast(h[0], root, timeout=timeout, priority=priority),
+                                  [tensor], [tensor], level, timeout, root=root)
+            return tensor
+        buf = as_buffer(tensor)
         algo, why = select.broadcast(buf.nbytes, self.world_size)
         await self._collective("broadcast", buf, lambda ctx: tree.broadcast(ctx, buf, root),
-                               algo, why, root=root, timeout=timeout)
+                               algo, why, root=root, timeout=timeout, priority=level)
         return tensor
 
-    async def all_to_all(self, tensor: T, *, out: T | None = None, timeout: float | None = None) -> T:
+    async def all_to_all(self, tensor: T, *, out: T | None = None, timeout: float | None = None,
+                         priority: str = "normal") -> T:
         """Split dim 0 into world_size chunks; chunk i goes to rank i.
 
         Returns an array/tensor of the same shape whose chunk j came from rank j
         (`out`, if given, which must not be `tensor` itself).
         """
-        buf = as_buffer(tensor, writable=False)
+        level = priority_level(priority)
         n = self.world_size
-        if not buf.shape or buf.shape[0] % n:
-            raise InvalidArgument(f"all_to_all needs dim 0 divisible by world_size={n}, got shape {buf.shape}")
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            _check_split("all_to_all", dt.shape, n)
+            res = _device_output(out, dt, dt.shape)
+
+            async def host_a2a(h: list[Any], o: list[Any]) -> None:
+                await self.all_to_all(h[0], out=o[0], timeout=timeout, priority=priority)
+
+            await self._on_device("all_to_all", dt, lambda lane: lane.all_to_all(res, tensor), host_a2a,
+                                  [tensor], [res], level, timeout)
+            return res  # type: ignore[no-any-return]
+        buf = as_buffer(tensor, writable=False)
+        _check_split("all_to_all", buf.shape, n)
         result = _output(out, buf, buf.shape)
         if n == 1:
             result.raw[:] = buf.raw
         algo, why = select.all_to_all(buf.nbytes, n)
         await self._collective("all_to_all", buf, lambda ctx: direct.all_to_all(ctx, buf, result),
-                               algo, why, timeout=timeout)
+                               algo, why, timeout=timeout, priority=level)
         return result.obj  # type: ignore[no-any-return]
 
-    async def barrier(self, *, timeout: float | None = None) -> None:
+    async def barrier(self, *, timeout: float | None = None, priority: str = "normal") -> None:
         """Return once every rank of the group has entered the barrier."""
         algo, why = select.barrier(self.world_size)
-        await self._collective("barrier", None, direct.barrier, algo, why, timeout=timeout)
+        await self._collective("barrier", None, direct.barrier, algo, why, timeout=timeout,
+                               priority=priority_level(priority))
 
     # -- point to point ----------------------------------------------------------------------
-    async def send(self, tensor: Any, dst: int, tag: int = 0, *, timeout: float | None = None) -> None:
+    async def send(self, tensor: Any, dst: int, tag: int = 0, *, timeout: float | None = None,
+                   priority: str = "normal") -> None:
         """Send `tensor` to group rank `dst`; returns once it is handed to the transport.
 
         Messages to one destination with one tag arrive in send order. Cancelled
         part-way, the receiver's matching `recv` raises `TransferCancelled`.
         """
-        buf = as_buffer(tensor, writable=False)
+        level = priority_level(priority)
         self._check_p2p(dst, tag, "dst", "send")
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            await self._p2p_on_device("send", dt, dst, tag, timeout, level,
+                                      lambda h, o: self.send(h[0], dst, tag, timeout=timeout, priority=priority))
+            return
+        buf = as_buffer(tensor, writable=False)
         fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
         rec = self._record("send", buf.nbytes, "direct", "point to point")
         try:
             with self._deadline(timeout, f"send to rank {dst} (tag {tag})"):
-                await self._engine.send(self._group.members[dst], (self.group_id, -1, tag), buf.raw, fp)
+                await self._engine.send(self._group.members[dst], (self.group_id, -1, tag), buf.raw, fp,
+                                        priority=level)
         except BaseException as e:
             self._done(rec, e)
             raise
         self._done(rec, None)
 
-    async def recv(self, tensor: T, src: int, tag: int = 0, *, timeout: float | None = None) -> T:
+    async def recv(self, tensor: T, src: int, tag: int = 0, *, timeout: float | None = None,
+                   priority: str = "normal") -> T:
         """Receive the next message from group rank `src` with `tag` into `tensor`, in place.
 
         Cancelling (or timing out) ends this receive only; the message, if it comes,
-        waits for the next `recv`.
+        waits for the next `recv`. (On an NCCL lane a receive cannot be withdrawn:
+        there, cancelling breaks the group.)
         """
-        buf = as_buffer(tensor)
+        level = priority_level(priority)
         self._check_p2p(src, tag, "src", "recv")
+        if is_cuda(tensor):
+            dt = DeviceTensor(tensor)
+            await self._p2p_on_device("recv", dt, src, tag, timeout, level,
+                                      lambda h, o: self.recv(o[0], src, tag, timeout=timeout, priority=priority))
+            return tensor
+        buf = as_buffer(tensor)
         fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
         rec = self._record("recv", buf.nbytes, "direct", "point to point")
         posted = self._engine.post(self._group.members[src], (self.group_id, -1, tag), buf.raw, fp)
@@ -229,6 +308,35 @@ class Communicator:
             raise
         self._done(rec, None)
         return tensor
+
+    # -- fusion, overlap, device -------------------------------------------------------------
+    def fuse(self, *, priority: str = "normal", timeout: float | None = None) -> FusedBucket:
+        """Batch many small all_reduces into one launch per (device, dtype, op).
+
+            async with comm.fuse() as bucket:
+                for g in grads:
+                    bucket.all_reduce(g)
+            # here every g holds its reduced value
+
+        Every rank must queue the same tensors in the same order (as for any
+        collective); buckets are formed by that order, never by timing, so ranks agree.
+        """
+        return FusedBucket(self, priority=priority, timeout=timeout)
+
+    def overlap(self) -> Overlap:
+        """A task group that measures how much communication it hid behind compute.
+
+            async with comm.overlap() as ov:
+                ov.start_comm(comm.all_reduce, x)
+                ov.start_compute(layer, h)
+            print(ov.report.efficiency)
+        """
+        return Overlap()
+
+    @property
+    def device_path(self) -> str:
+        """How CUDA tensors travel in this group: "nccl", "host staging ...", or "undecided"."""
+        return self._device_ops().path()
 
     # -- groups ------------------------------------------------------------------------------
     def split(self, ranks: Sequence[int]) -> Communicator | None:
@@ -250,7 +358,8 @@ class Communicator:
             return None
         gid = f"{self.group_id}/{','.join(map(str, ranks))}#{nth}"
         g = GroupState(gid, [self._group.members[r] for r in ranks], ranks.index(self.rank))
-        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes)
+        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
+                            backend=self._backend)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -312,45 +421,127 @@ class Communicator:
         rec.error = "" if error is None else f"{type(error).__name__}: {error}"
         self.stats.add(rec)
 
-    async def _collective(self, kind: str, buf: Buffer | None, body: Callable[[OpContext], Awaitable[None]],
+    async def _collective(self, kind: str, buf: Buffer | DeviceTensor | None,
+                          body: Callable[[OpContext], Awaitable[None]],
                           algo: str, why: str, *, root: int = -1, op: str = "",
-                          timeout: float | None) -> None:
+                          timeout: float | None, priority: int = 0, solo: bool = False) -> None:
         self._check_open(kind)
         g = self._group
         fp = g.begin(kind, buf.dtype.name if buf else "", buf.shape if buf else (), root, op)
         rec = self._record(kind, buf.nbytes if buf else 0, algo, why, fp.seq)
-        ctx = OpContext(self._engine, g, fp, self._chunk_bytes)
+        ctx = OpContext(self._engine, g, fp, self._chunk_bytes, priority=priority)
         limit = timeout if timeout is not None else self._timeout
         try:
             self._check_early_frames(fp)
-            if g.size > 1:
+            if g.size > 1 or solo:
                 with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
                     await body(ctx)
-        except CommTimeout as e:
+        except BaseException as e:
+            err = self._failed(e, fp, rec)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            ctx.finish()
+            g.end(fp)
+        self._done(rec, None)
+
+    def _failed(self, e: BaseException, fp: Fingerprint, rec: OpRecord) -> BaseException:
+        """Break the group for collective `fp` that raised `e`; what to raise instead of `e`."""
+        g = self._group
+        if isinstance(e, CommTimeout):
             self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"it timed out ({e})"), notify=True)
-            self._done(rec, e)
-            raise
-        except CommError as e:
+        elif isinstance(e, CommError):
             first = g.broken
             if first is not None and first is not e:
                 # the group broke first (a peer's Abort, a mismatch seen by the reader);
                 # what we hit after that (a send to a rank that has left) is a symptom
                 self._done(rec, first)
-                raise restate(first, str(first)) from e
+                return restate(first, str(first))
             cause = ("mismatch" if isinstance(e, CollectiveMismatch)
                      else "peer_lost" if isinstance(e, PeerLost) else "aborted")
             lost = e.peer if isinstance(e, PeerLost) and e.peer is not None else -1
             self._engine.fail_group(g, e, notify=True, cause=cause, peer=lost)
-            self._done(rec, e)
-            raise
-        except BaseException as e:
+        else:
             self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"cancelled ({type(e).__name__})"),
                                     notify=True)
+        self._done(rec, e)
+        return e
+
+    async def _lane_collective(self, kind: str, dt: DeviceTensor, lane: TorchLane, issue: Callable[[Any], Any],
+                               timeout: float | None, root: int, op: str) -> None:
+        """A collective on the NCCL lane: the same bookkeeping as `_collective`, minus the host path's."""
+        self._check_open(kind)
+        g = self._group
+        fp = g.begin(kind, dt.dtype.name, dt.shape, root, op)
+        rec = OpRecord(kind, g.group_id, fp.seq, dt.nbytes, "nccl", "nccl lane: every rank has its own GPU",
+                       self.transport, time.perf_counter())
+        limit = timeout if timeout is not None else self._timeout
+        ops = self._device
+        assert ops is not None
+        try:
+            work = issue(lane)
+            if limit is None:
+                await ops.await_work(lane, work, kind)
+            else:
+                with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
+                    await ops.await_work(lane, work, kind)
+        except BaseException as e:
+            err = self._failed(e, fp, rec)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            g.end(fp)
+        self._done(rec, None)
+
+    def _device_ops(self) -> DeviceOps:
+        if self._device is None:
+            self._device = DeviceOps(self, self._backend, self._engine.local_host)
+        return self._device
+
+    async def _on_device(self, kind: str, dt: DeviceTensor, issue: Callable[[Any], Any],
+                         host_op: Callable[[list[Any], list[Any]], Awaitable[Any]],
+                         inputs: list[Any], outputs: list[Any], priority: int,
+                         timeout: float | None, *, root: int = -1, op: str = "") -> None:
+        """Run a collective on CUDA tensors: on the NCCL lane, or staged through `host_op`."""
+        ops = self._device_ops()
+        lane = ops.open_lanes.get(priority) if op in NCCL_OPS else None
+        if lane is None and op in NCCL_OPS:
+            lane = await ops.lane(dt.obj.device, priority)
+        if lane is not None:
+            await self._lane_collective(kind, dt, lane, issue, timeout, root, op)
+            return
+        if self.world_size == 1:  # nothing to exchange: copy locally, on the device
+            self._check_open(kind)
+            for src, dst in zip(inputs, outputs, strict=True):
+                if dst is not src:
+                    dst.view(-1).copy_(src.view(-1))
+            await device.wait_stream()
+            return
+        await ops.staged(inputs, outputs, priority, host_op)
+
+    async def _p2p_on_device(self, kind: str, dt: DeviceTensor, peer: int, tag: int, timeout: float | None,
+                             priority: int, host_op: Callable[[list[Any], list[Any]], Awaitable[Any]]) -> None:
+        ops = self._device_ops()
+        lane = await ops.lane(dt.obj.device, priority)
+        if lane is None:
+            if kind == "send":
+                await ops.staged([dt.obj], [], priority, host_op)
+            else:
+                await ops.staged([], [dt.obj], priority, host_op)
+            return
+        rec = self._record(kind, dt.nbytes, "nccl", "nccl lane: point to point")
+        try:
+            with self._deadline(timeout, f"{kind} {'to' if kind == 'send' else 'from'} rank {peer} (tag {tag})"):
+                work = lane.send(dt.obj, peer, tag) if kind == "send" else lane.recv(dt.obj, peer, tag)
+                await ops.await_work(lane, work, kind)
+        except BaseException as e:
+            # NCCL cannot withdraw a half-matched send or receive: the lane is gone, and so is the group
+            err = e if isinstance(e, CommError) else CommError(f"{kind} on the nccl lane was cancelled")
+            self._engine.fail_group(self._group, err, notify=True)
             self._done(rec, e)
             raise
-        finally:
-            ctx.finish()
-            g.end(fp)
         self._done(rec, None)
 
     def _check_early_frames(self, fp: Fingerprint) -> None:
@@ -374,6 +565,27 @@ def _output(given: Any, like: Buffer, shape: tuple[int, ...]) -> Buffer:
     if out.nbytes and like.nbytes and _overlaps(out, like):
         raise InvalidArgument("out must not share memory with the input")
     return out
+
+
+def _check_split(kind: str, shape: tuple[int, ...], n: int) -> None:
+    if not shape or shape[0] % n:
+        raise InvalidArgument(f"{kind} needs dim 0 divisible by world_size={n}, got shape {shape}")
+
+
+def _device_output(given: Any, like: DeviceTensor, shape: tuple[int, ...]) -> Any:
+    """The caller's CUDA `out` tensor, checked; or a new one on the input's device."""
+    t = like.obj
+    if given is None:
+        return t.new_empty(shape)
+    if (not is_cuda(given) or given.device != t.device or given.dtype != t.dtype
+            or tuple(given.shape) != shape or not given.is_contiguous()):
+        raise InvalidArgument(f"out must be a contiguous torch.Tensor on {t.device} of dtype "
+                              f"{like.dtype.name} and shape {shape}, got {type(given).__name__} "
+                              f"{getattr(given, 'dtype', '')} {tuple(getattr(given, 'shape', ()))} "
+                              f"on {getattr(given, 'device', '?')}")
+    if given.data_ptr() == t.data_ptr() and like.nbytes:
+        raise InvalidArgument("out must not share memory with the input")
+    return given
 
 
 def _overlaps(a: Buffer, b: Buffer) -> bool:

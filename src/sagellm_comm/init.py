@@ -98,6 +98,7 @@ async def init_process_group(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     frame_bytes: int | None = None,
     transport: str | None = None,
+    backend: str = "auto",
 ) -> AsyncIterator[Communicator]:
     """Join a world of `world_size` processes and yield its communicator.
 
@@ -110,7 +111,13 @@ async def init_process_group(
     heartbeat_timeout is lost.
     transport: ``auto`` (default; SAGELLM_COMM_TRANSPORT): shared memory to peers on this
     host, TCP to others; or ``tcp``, ``shm``, ``ucx`` for every peer.
+    backend: how CUDA tensors travel (SAGELLM_COMM_BACKEND): ``auto`` (NCCL where every
+    rank of a group has its own GPU, else staged through pinned host memory over the
+    transports above), ``nccl`` (NCCL or an error) or ``host`` (always staged).
     """
+    backend = os.environ.get("SAGELLM_COMM_BACKEND", backend) if backend == "auto" else backend
+    if backend not in ("auto", "nccl", "host"):
+        raise InvalidArgument(f"backend must be auto, nccl or host, got {backend!r}")
     host, port, r, n = resolve(url, rank, world_size)
     secret = token if token is not None else os.environ.get("SAGELLM_COMM_TOKEN", "")
     config = EngineConfig(
@@ -150,10 +157,11 @@ async def init_process_group(
             await lst.aclose()
 
     engine = Engine(r, n, conns, config)
+    engine.local_host = master_ip if r == 0 else _local_ip_towards(master_ip)
     async with anyio.create_task_group() as tg:
         engine.start(tg)
         comm = Communicator(engine, GroupState("world", list(range(n)), r), timeout=timeout,
-                            chunk_bytes=chunk_bytes, owns_engine=True)
+                            chunk_bytes=chunk_bytes, owns_engine=True, backend=backend)
         try:
             yield comm
         finally:

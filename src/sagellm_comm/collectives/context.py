@@ -25,13 +25,15 @@ from ..wire import Fingerprint
 
 
 class OpContext:
-    def __init__(self, engine: Engine, group: GroupState, fp: Fingerprint, chunk_bytes: int) -> None:
+    def __init__(self, engine: Engine, group: GroupState, fp: Fingerprint, chunk_bytes: int, *,
+                 priority: int = 0) -> None:
         self.engine = engine
         self.group = group
         self.fp = fp
         self.rank = group.rank
         self.size = group.size
         self.chunk_bytes = chunk_bytes
+        self.priority = priority  # every frame this op sends queues at it (1 high, 0 normal, -1 low)
         self._recvs: list[Recv] = []
         self._blocks: list[np.ndarray[Any, Any]] = []
 
@@ -44,7 +46,8 @@ class OpContext:
     async def send(self, dst: int, tag: int, raw: memoryview) -> None:
         if self.group.broken is not None:  # stop early: peers discard this op's frames now
             raise self.group.broken
-        await self.engine.send(self.group.members[dst], (self.group.group_id, self.fp.seq, tag), raw, self.fp)
+        await self.engine.send(self.group.members[dst], (self.group.group_id, self.fp.seq, tag), raw, self.fp,
+                               priority=self.priority)
 
     def scratch(self, nbytes: int) -> memoryview:
         """Reused scratch bytes, returned to the pool when the op ends."""

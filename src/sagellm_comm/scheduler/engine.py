@@ -39,6 +39,10 @@ from .ordering import GroupState
 
 log = logging.getLogger("sagellm_comm.engine")
 
+# Control frames (Abort, Cancel, heartbeat, Bye) outrank every data priority (high is 1),
+# so a failure reaches peers ahead of queued bulk data instead of behind it.
+CONTROL_PRIORITY = 2
+
 
 @dataclass
 class EngineConfig:
@@ -94,6 +98,7 @@ class Engine:
         self.matcher = Matcher(self.pool)
         self.groups: dict[str, GroupState] = {}
         self.closed: CommError | None = None
+        self.local_host = "127.0.0.1"  # where this rank's peers reach it (device lanes open stores here)
         self._tg: TaskGroup | None = None
         self._sink = memoryview(bytearray(256 * 1024))
         self._claimed: dict[int, Unexpected] = {}  # id(Recv) -> the unexpected it waits on
@@ -126,7 +131,7 @@ class Engine:
                 for peer in self.peers.values():
                     if peer.alive:
                         try:
-                            await peer.conn.send_frame(bye)
+                            await peer.conn.send_frame(bye, priority=CONTROL_PRIORITY)
                             peer.conn.close_write()
                         except PeerLost:
                             pass
@@ -159,11 +164,14 @@ class Engine:
             raise PeerLost(str(peer.error), peer=rank)
         return peer
 
-    async def send(self, dst: int, channel: Channel, raw: memoryview, fp: Fingerprint | None) -> None:
+    async def send(self, dst: int, channel: Channel, raw: memoryview, fp: Fingerprint | None, *,
+                   priority: int = 0) -> None:
         """Send one message to global rank `dst`, split into frames of `frame_bytes`.
 
-        Cancelled between frames, the receiver is told (`Cancel`) so it does not
-        keep waiting for the rest.
+        Every frame queues for the connection at `priority` (1 high, 0 normal, -1 low);
+        the connection is released between frames, so a more urgent message's frames
+        get in between a big message's. Cancelled between frames, the receiver is
+        told (`Cancel`) so it does not keep waiting for the rest.
         """
         self.raise_if_closed()
         peer = self.peer(dst)
@@ -179,7 +187,7 @@ class Engine:
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 n = min(frame, total - offset)
                 head = wire.encode(Data(mid, offset, total, group, seq, tag, fp if offset == 0 else None), n)
-                await peer.conn.send_frame(head, raw[offset : offset + n])
+                await peer.conn.send_frame(head, raw[offset : offset + n], priority=priority)
                 offset += n
                 if offset >= total:
                     return
@@ -202,7 +210,7 @@ class Engine:
         try:
             if peer.alive and not self._said_bye:
                 with anyio.move_on_after(self.config.heartbeat_timeout):
-                    await peer.conn.send_frame(wire.encode(msg))
+                    await peer.conn.send_frame(wire.encode(msg), priority=CONTROL_PRIORITY)
         except PeerLost as e:
             self.lose_peer(peer, str(e))
         finally:
@@ -533,6 +541,6 @@ class Engine:
         if not peer.alive or peer.conn.sending or self._said_bye:
             return
         try:
-            await peer.conn.send_frame(frame)
+            await peer.conn.send_frame(frame, priority=CONTROL_PRIORITY)
         except PeerLost as e:
             self.lose_peer(peer, str(e))

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ..group import Communicator
+from ..group import DEFAULT_CHUNK_BYTES, Communicator
 from ..scheduler.engine import Engine, EngineConfig
 from ..scheduler.ordering import GroupState
 from ..transports.inproc import InprocConnection, connection_pair
@@ -75,11 +75,11 @@ async def run_ranks(
 
     async def run_one(rank: int) -> None:
         engine = Engine(rank, world_size, dict(conns[rank]), config)
-        kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         async with anyio.create_task_group() as tg:
             engine.start(tg)
             comm = Communicator(engine, GroupState("world", list(range(world_size)), rank),
-                                timeout=timeout, transport="inproc", owns_engine=True, **kwargs)
+                                timeout=timeout, transport="inproc", owns_engine=True,
+                                chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
             comm.before_op = fault_hook(rank, engine)
             try:
                 results[rank] = await body(comm, *args)

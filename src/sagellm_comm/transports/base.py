@@ -2,14 +2,15 @@
 
 A transport implements two primitives, `_send_parts` (write all these bytes) and
 `_recv_some` (read at least one byte into this view). Everything shared lives here
-once: frame writes serialized per connection and finished even when the writer is
-cancelled (a half-written frame would corrupt the stream for every later op), and a
-small read-ahead buffer so that headers cost one syscall while large payloads are
-read straight into the caller's memory.
+once: frame writes serialized per connection, most urgent writer first, and finished
+even when the writer is cancelled (a half-written frame would corrupt the stream for
+every later op), and a small read-ahead buffer so that headers cost one syscall while
+large payloads are read straight into the caller's memory.
 """
 
 from __future__ import annotations
 
+import heapq
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +28,68 @@ READ_AHEAD = 256 * 1024
 DIRECT_READ_MIN = 32 * 1024  # views at least this large bypass the read-ahead buffer
 
 
+class PrioritySendLock:
+    """A lock whose waiters are served highest priority first, FIFO within one priority.
+
+    Frames queue on it, so a decode-critical op's next frame goes out before the
+    frames of background ops that were waiting longer. `release` hands the lock
+    straight to the next waiter (the lock stays held meanwhile), so no newcomer can
+    barge in between and the lock is free only when nobody waits. A waiter that is
+    cancelled leaves the queue; one cancelled after it was handed the lock but before
+    it ran passes the lock on, so a wake-up is never lost. Built on anyio.Event only,
+    so it works under asyncio and trio.
+    """
+
+    __slots__ = ("_held", "_seq", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._seq = 0  # ties within one priority go to the earliest waiter
+        self._waiters: list[tuple[int, int, anyio.Event]] = []  # heap of (-priority, arrival, wake-up)
+
+    def locked(self) -> bool:
+        """Held (a writer is writing, or the lock is on its way to a woken waiter)."""
+        return self._held
+
+    def waiting(self) -> int:
+        """How many tasks wait for the lock."""
+        return len(self._waiters)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free, without waiting: the uncontended fast path."""
+        if self._held:
+            return False
+        self._held = True
+        return True
+
+    async def acquire(self, priority: int = 0) -> None:
+        """Take the lock, waiting behind more urgent and earlier equally urgent waiters."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.try_acquire():
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # yield, but never drop a lock just taken
+            return
+        wake = anyio.Event()
+        entry = (-priority, self._seq, wake)
+        self._seq += 1
+        heapq.heappush(self._waiters, entry)
+        try:
+            await wake.wait()
+        except BaseException:
+            if wake.is_set():  # the lock was handed to us, but we will not use it
+                self.release()
+            else:
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the most urgent waiter, or free it if none waits."""
+        if self._waiters:
+            heapq.heappop(self._waiters)[2].set()
+        else:
+            self._held = False
+
+
 class Connection(ABC):
     """A reliable, ordered byte stream to one peer, written in whole frames."""
 
@@ -34,7 +97,7 @@ class Connection(ABC):
     greedy_reads = True  # fill the read-ahead buffer as far as one read gives (saves syscalls)
 
     def __init__(self) -> None:
-        self._send_lock = anyio.Lock()
+        self._send_lock = PrioritySendLock()
         self._rbuf = bytearray(READ_AHEAD)
         self._rview = memoryview(self._rbuf)
         self._rstart = 0
@@ -91,13 +154,15 @@ class Connection(ABC):
         return self.transport
 
     # -- shared ----------------------------------------------------------------------
-    async def send_frame(self, head: Bytes, payload: Bytes | None = None) -> None:
+    async def send_frame(self, head: Bytes, payload: Bytes | None = None, *, priority: int = 0) -> None:
         """Write one frame (prefix+header, then payload) atomically with respect to other frames.
 
-        Waiting for the connection is cancellable; once the first byte is out, the
-        frame is finished even if the caller is cancelled, since a torn frame would
-        break the stream. A frozen peer cannot hold it forever: the heartbeat
-        watchdog aborts the connection, which fails the write.
+        Writers waiting for the connection go highest `priority` first (FIFO within
+        one priority); a frame being written is never interrupted. Waiting is
+        cancellable; once the first byte is out, the frame is finished even if the
+        caller is cancelled, since a torn frame would break the stream. A frozen peer
+        cannot hold it forever: the heartbeat watchdog aborts the connection, which
+        fails the write.
         """
         parts = [memoryview(head).cast("B")]
         if payload is not None and len(payload):
@@ -105,10 +170,8 @@ class Connection(ABC):
         nbytes = sum(len(p) for p in parts)
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller writes nothing
         lock = self._send_lock
-        try:
-            lock.acquire_nowait()  # fast path: nobody else is writing
-        except anyio.WouldBlock:
-            await lock.acquire()
+        if not lock.try_acquire():  # fast path (no await): nobody else is writing
+            await lock.acquire(priority)
         try:
             rest = self._send_now(parts)
             if rest:
@@ -121,6 +184,7 @@ class Connection(ABC):
 
     @property
     def sending(self) -> bool:
+        """A frame is being written now or writers wait (the lock is free only when none wait)."""
         return self._send_lock.locked()
 
     def _buffered(self) -> int:

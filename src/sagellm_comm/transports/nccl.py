@@ -1,0 +1,193 @@
+"""Device collectives through torch.distributed's NCCL backend, bootstrapped from our own group.
+
+NCCL moves CUDA tensors over NVLink, PCIe P2P or the network at rates no host
+path reaches, and torch ships it; what it lacks is our failure model and our
+event loop. So a `TorchLane` wraps one torch `ProcessGroupNCCL` per (group,
+priority) without touching torch's global default group: the group's rank 0
+opens a `TCPStore` on a free port, the address travels in one of our own
+collectives together with each rank's GPU, and the lane exists only if every
+rank has its own GPU (NCCL refuses two ranks on one device). Ops are issued on
+the lane's stream (a high-priority CUDA stream for the "high" lane) and awaited by
+polling the work's completion from the event loop, which also watches our
+heartbeats: a peer lost mid-op aborts the lane and raises `PeerLost` on every
+survivor instead of a hang inside NCCL.
+
+The same class runs torch's gloo backend on CPU tensors; the tests use that to
+check the bootstrap and the op mapping on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CommError, InvalidArgument
+
+if TYPE_CHECKING:
+    from ..group import Communicator
+
+log = logging.getLogger("sagellm_comm.nccl")
+
+INFO_BYTES = 512  # one rank's lane description, padded, in the bootstrap all_gather
+STORE_TIMEOUT = timedelta(seconds=60)
+
+
+def _torch() -> Any:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        import torch
+    return torch
+
+
+def backend_available(backend: str) -> bool:
+    try:
+        dist = _torch().distributed
+    except ImportError:
+        return False
+    if not dist.is_available():
+        return False
+    if backend == "nccl":
+        return bool(dist.is_nccl_available()) and bool(_torch().cuda.is_available())
+    return bool(dist.is_gloo_available())
+
+
+_REDUCE_OPS: dict[str, Any] = {}
+
+
+def reduce_op(op: str) -> Any:
+    """torch's ReduceOp for our op name, or None where the backend has none."""
+    if not _REDUCE_OPS:
+        R = _torch().distributed.ReduceOp
+        _REDUCE_OPS.update({"sum": R.SUM, "prod": R.PRODUCT, "min": R.MIN, "max": R.MAX, "avg": R.AVG,
+                            "band": R.BAND, "bor": R.BOR, "bxor": R.BXOR})
+    return _REDUCE_OPS.get(op)
+
+
+class LaneUnavailable(CommError):
+    """This group cannot use the backend (says why); callers fall back to host staging."""
+
+
+class TorchLane:
+    """One torch process group (NCCL, or gloo in tests) for one of our groups and priority."""
+
+    def __init__(self, backend: str, pg: Any, store: Any, rank: int, size: int, priority: int) -> None:
+        self.backend = backend
+        self.pg = pg
+        self.store = store  # rank 0 serves it; it must outlive the process group
+        self.rank = rank
+        self.size = size
+        self.priority = priority
+        self.aborted = False
+        dist = _torch().distributed
+        self._allreduce_opts: dict[str, Any] = {}
+        self._dist = dist
+
+    def allreduce_opts(self, op: str) -> Any:
+        opts = self._allreduce_opts.get(op)
+        if opts is None:
+            opts = self._dist.AllreduceOptions()
+            opts.reduceOp = reduce_op(op)
+            self._allreduce_opts[op] = opts
+        return opts
+
+    # each returns torch's Work; completion is polled with `work.is_completed()`
+    def all_reduce(self, t: Any, op: str) -> Any:
+        return self.pg.allreduce([t], self.allreduce_opts(op))
+
+    def all_gather(self, out: Any, t: Any) -> Any:
+        return self.pg._allgather_base(out.view(-1), t.view(-1))  # gloo checks shapes, not just sizes
+
+    def reduce_scatter(self, out: Any, t: Any, op: str) -> Any:
+        opts = self._dist.ReduceScatterOptions()
+        opts.reduceOp = reduce_op(op)
+        return self.pg._reduce_scatter_base(out, t, opts)
+
+    def broadcast(self, t: Any, root: int) -> Any:
+        opts = self._dist.BroadcastOptions()
+        opts.rootRank = root
+        opts.rootTensor = 0
+        return self.pg.broadcast([t], opts)
+
+    def all_to_all(self, out: Any, t: Any) -> Any:
+        return self.pg.alltoall_base(out, t, [], [], self._dist.AllToAllOptions())
+
+    def send(self, t: Any, dst: int, tag: int) -> Any:
+        return self.pg.send([t], dst, tag)
+
+    def recv(self, t: Any, src: int, tag: int) -> Any:
+        return self.pg.recv([t], src, tag)
+
+    def abort(self) -> None:
+        """Stop the backend's in-flight work (a peer is gone); the lane is unusable after."""
+        if self.aborted:
+            return
+        self.aborted = True
+        for name in ("abort", "shutdown", "_shutdown"):
+            fn = getattr(self.pg, name, None)
+            if fn is not None:
+                try:
+                    fn()
+                    return
+                except Exception as e:  # best effort: the group is failing anyway
+                    log.debug("lane %s: %s() failed: %r", self.backend, name, e)
+
+
+def _gpu_identity(device: Any) -> str:
+    torch = _torch()
+    if device.type != "cuda":
+        return f"cpu:{os.getpid()}:{id(device)}"  # gloo lanes (tests): no device to share
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    return str(uuid) if uuid is not None else f"{props.pci_bus_id if hasattr(props, 'pci_bus_id') else ''}:{device}"
+
+
+async def open_lane(comm: Communicator, backend: str, device: Any, priority: int, host: str) -> TorchLane:
+    """Create the lane for `comm` on every member (a collective: all ranks must call it).
+
+    Raises LaneUnavailable, on every rank alike, when some rank lacks the backend or
+    two ranks share a GPU.
+    """
+    torch = _torch()
+    usable = backend_available(backend)
+    store = None
+    port = 0
+    if usable and comm.rank == 0:
+        try:
+            store = torch.distributed.TCPStore(host, 0, comm.world_size, True, timeout=STORE_TIMEOUT,
+                                               wait_for_workers=False)
+            port = int(store.port)
+        except Exception as e:
+            log.warning("cannot open a TCPStore on %s for the %s lane: %r", host, backend, e)
+            usable = False
+    info = {"ok": usable, "gpu": _gpu_identity(device) if usable else "", "host": host, "port": port}
+    row = np.zeros(INFO_BYTES, np.uint8)
+    enc = json.dumps(info).encode()
+    if len(enc) > INFO_BYTES:
+        raise InvalidArgument(f"lane description too long ({len(enc)} bytes)")
+    row[: len(enc)] = np.frombuffer(enc, np.uint8)
+    table = await comm.all_gather(row)
+    infos = [json.loads(bytes(r).rstrip(b"\0")) for r in table]
+    missing = [i for i, x in enumerate(infos) if not x["ok"]]
+    if missing:
+        raise LaneUnavailable(f"ranks {missing} of group {comm.group_id!r} cannot use {backend}")
+    gpus = [x["gpu"] for x in infos]
+    if len(set(gpus)) != len(gpus):
+        raise LaneUnavailable(f"ranks of group {comm.group_id!r} share a GPU ({backend} needs one GPU per rank)")
+    root = infos[0]
+    if store is None:
+        store = torch.distributed.TCPStore(root["host"], root["port"], comm.world_size, False,
+                                           timeout=STORE_TIMEOUT)
+    prefix = torch.distributed.PrefixStore(f"sagellm/{comm.group_id}/{priority}", store)
+    if backend == "nccl":
+        opts = torch.distributed.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = priority > 0
+        pg = torch.distributed.ProcessGroupNCCL(prefix, comm.rank, comm.world_size, opts)
+    else:
+        pg = torch.distributed.ProcessGroupGloo(prefix, comm.rank, comm.world_size)
+    return TorchLane(backend, pg, store, comm.rank, comm.world_size, priority)

@@ -1,0 +1,192 @@
+"""CUDA tensors end to end, on a GPU machine (skipped where torch sees no GPU).
+
+Single-process tests use the world-1 communicator and the device waits; the
+multi-process ones start one process per rank (tests/cuda_worker.py): two ranks on
+one GPU are staged through pinned host memory, and with two GPUs each rank gets
+its own and the group uses NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
+
+import sagellm_comm as sc  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("cuda_worker.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cycles_for(ms: float) -> int:
+    torch.cuda._sleep(1000)  # the first launch loads the kernel: keep it out of the calibration
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    return int(ms * 1_000_000 / start.elapsed_time(end))
+
+
+@pytest.mark.anyio
+async def test_wait_event_returns_after_the_gpu_passed_it() -> None:
+    ev = torch.cuda.Event()
+    torch.cuda._sleep(cycles_for(50))
+    ev.record()
+    assert not ev.query()
+    t0 = time.perf_counter()
+    with anyio.fail_after(10):
+        await sc.device.wait_event(ev)
+    assert ev.query() and time.perf_counter() - t0 > 0.02
+    torch.cuda._sleep(cycles_for(30))
+    with anyio.fail_after(10):
+        await sc.device.wait_stream()
+    assert torch.cuda.current_stream().query()
+
+
+@pytest.mark.anyio
+async def test_cancelled_wait_ends_at_once_while_the_gpu_goes_on() -> None:
+    ev = torch.cuda.Event()
+    torch.cuda._sleep(cycles_for(500))
+    ev.record()
+    t0 = time.perf_counter()
+    with anyio.move_on_after(0.02) as scope:
+        await sc.device.wait_event(ev)
+    assert scope.cancelled_caught and time.perf_counter() - t0 < 0.2
+    assert not ev.query()
+    ev.synchronize()
+
+
+@pytest.mark.anyio
+async def test_other_tasks_run_while_a_wait_polls() -> None:
+    ev = torch.cuda.Event()
+    torch.cuda._sleep(cycles_for(100))
+    ev.record()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not ev.query():
+            ticks += 1
+            await anyio.sleep(0.005)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await sc.device.wait_event(ev)
+    assert ticks >= 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["auto", "nccl"])
+async def test_world_of_one_runs_every_op_on_cuda(backend: str) -> None:
+    with anyio.fail_after(60):
+        async with sc.init_process_group(f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                         backend=backend) as comm:
+            x = torch.arange(10, device="cuda", dtype=torch.float32)
+            torch.cuda._sleep(cycles_for(20))  # queued work the op must come after
+            x.mul_(2)
+            await comm.all_reduce(x)
+            assert torch.equal(x.cpu(), torch.arange(10, dtype=torch.float32) * 2)
+            g = await comm.all_gather(x)
+            assert g.shape == (1, 10) and g.is_cuda and torch.equal(g[0], x)
+            rs = await comm.reduce_scatter(x)
+            assert torch.equal(rs, x) and rs.data_ptr() != x.data_ptr()
+            a = await comm.all_to_all(x)
+            assert torch.equal(a, x)
+            await comm.broadcast(x, root=0)
+            assert comm.device_path == ("nccl" if backend == "nccl" else "host staging")
+            with pytest.raises(sc.UnsupportedBuffer):
+                await comm.all_reduce(torch.ones(4, 4, device="cuda").t())
+
+
+@pytest.mark.anyio
+async def test_overlap_reports_what_it_hid() -> None:
+    async with sc.init_process_group(f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1) as comm:
+        side = torch.cuda.Stream()
+        host = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+
+        async def offload() -> None:
+            s = sc.device.comm_stream(dev.device)
+            with torch.cuda.stream(s):
+                host.copy_(dev, non_blocking=True)
+            await sc.device.wait_stream(s)
+
+        async def compute() -> None:
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(cycles_for(5))
+            await sc.device.wait_stream(side)
+
+        with anyio.fail_after(30):
+            async with comm.overlap() as ov:
+                ov.start_comm(offload)
+                ov.start_compute(compute)
+        r = ov.report
+        assert 0 < r.hidden_s <= min(r.comm_s, r.compute_s) + 1e-9 and 0.5 < r.efficiency <= 1.0
+        assert r.wall_s < r.comm_s + r.compute_s
+
+
+def run_ranks(scenario: str, world: int, backend: str, timeout: float, env: dict[str, str]) -> list[dict]:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(r), str(world), str(port), backend],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **env}) for r in range(world)]
+    out = []
+    try:
+        for r, p in enumerate(procs):
+            try:
+                stdout, stderr = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"rank {r} did not finish within {timeout} s (hang)") from None
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            out.append(json.loads(lines[-1][7:]) if lines else {"rank": r, "exit": p.returncode,
+                                                                  "stderr": stderr[-3000:]})
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_two_ranks_on_one_gpu_are_staged_through_the_host(backend: str) -> None:
+    res = run_ranks("ops", 2, backend, 240, {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES",
+                                                                                      "0").split(",")[0]})
+    for r in res:
+        assert r.get("ok"), r
+        assert r["path"].startswith("host staging"), r
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for an NCCL group")
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_two_gpus_use_nccl_for_every_op(backend: str) -> None:
+    res = run_ranks("ops", 2, backend, 240, {})
+    for r in res:
+        assert r.get("ok"), r
+        assert r["path"] == "nccl", r
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for an NCCL group")
+def test_a_rank_lost_inside_nccl_is_peer_lost_on_the_survivor() -> None:
+    res = run_ranks("kill", 2, "asyncio", 120, {})
+    r0 = res[0]
+    assert r0.get("error") == "PeerLost" and r0["seconds"] < 10, r0

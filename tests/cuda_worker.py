@@ -13,6 +13,7 @@ import sys
 import time
 
 import anyio
+import numpy as np
 import torch
 
 import sagellm_comm as sc
@@ -62,6 +63,19 @@ async def every_op(comm: sc.Communicator, priority: str) -> dict[str, bool]:
                     await comm.recv(got, 0, tag=4, priority=priority)
                     await comm.send(msg, 0, tag=5, priority=priority)
                     checks[f"p2p/{name}/{size}"] = bool((got == 3).all())
+    if n > 1 and r in (0, n - 1):  # a CUDA tensor on one side, a host array on the other
+        other = n - 1 - r
+        for size in (7, 5_000_000):
+            if r == 0:
+                await comm.send(torch.arange(size, device=dev, dtype=torch.int32), other, tag=8, priority=priority)
+                host = np.zeros(size, np.int32)
+                await comm.recv(host, other, tag=9, priority=priority)
+                checks[f"p2p_host_to_cuda/{size}"] = bool((host == np.arange(size) * 2).all())
+            else:
+                got = await comm.recv(np.zeros(size, np.int32), other, tag=8, priority=priority)
+                checks[f"p2p_cuda_to_host/{size}"] = bool((got == np.arange(size)).all())
+                await comm.send(torch.arange(size, device=dev, dtype=torch.int32) * 2, other, tag=9,
+                                priority=priority)
     xs = [torch.full((k + 1,), float(r + k), device=dev) for k in range(20)]
     async with comm.fuse(priority=priority) as bucket:
         for x in xs:
@@ -79,7 +93,9 @@ async def main(scenario: str, rank: int, world: int, port: int) -> None:
             checks = await every_op(comm, "normal")
             checks.update({f"high/{k}": v for k, v in (await every_op(comm, "high")).items()})
             bad = [k for k, v in checks.items() if not v]
-            report(rank=rank, ok=not bad, bad=bad[:20], n=len(checks), path=comm.device_path)
+            algos = sorted({rec.algorithm for rec in comm.stats.records if rec.op in ("send", "recv")})
+            report(rank=rank, ok=not bad, bad=bad[:20], n=len(checks), path=comm.device_path, p2p=algos,
+                   transport=comm.transport)
         elif scenario == "kill":
             x = torch.ones(1 << 20, device="cuda")
             await comm.all_reduce(x)  # the lane is up on both ranks

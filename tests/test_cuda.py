@@ -174,6 +174,8 @@ def test_two_ranks_on_one_gpu_are_staged_through_the_host(backend: str) -> None:
     for r in res:
         assert r.get("ok"), r
         assert r["path"].startswith("host staging"), r
+        if r["transport"] == "shm":  # CUDA p2p over shared memory goes by DMA through the rings
+            assert "device copy into shm" in r["p2p"] and "device copy from shm" in r["p2p"], r
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for an NCCL group")

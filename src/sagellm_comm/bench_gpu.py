@@ -198,8 +198,12 @@ def host_overhead(world: int, iters: int, rounds: int, backend: str) -> dict[str
     out: dict[str, Any] = {"world": world, "backend": backend, "path": r0.get("path", ["?"])[0]}
     for k in ("torch_launch", "torch_sync", "ours"):
         out[f"{k}_us"] = statistics.median(r0.get(k) or [float("nan")])
-    out["ours_over_torch_launch"] = out["ours_us"] / out["torch_launch_us"]
-    out["ours_over_torch_sync"] = out["ours_us"] / out["torch_sync_us"]
+    # ratios per round (the three blocks of a round run back to back), then the median
+    rounds_ = list(zip(r0.get("ours") or [], r0.get("torch_sync") or [], r0.get("torch_launch") or [],
+                       strict=False))
+    out["ours_over_torch_sync"] = statistics.median([o / t for o, t, _ in rounds_] or [float("nan")])
+    out["ours_over_torch_launch"] = statistics.median([o / t for o, _, t in rounds_] or [float("nan")])
+    out["rounds"] = len(rounds_)
     return out
 
 
@@ -253,8 +257,9 @@ def staged_worker(spec: dict[str, Any]) -> int:
                         await comm.send(ack, 0)
                     times.append(time.perf_counter() - t0)
                 ok = bool((buf == 1.0).all().item())
+                how = comm.stats.last("recv" if rank else "send")
                 rows.append({"bytes": nbytes, "ok": ok, "time_s": statistics.median(times[1:] or times),
-                             "path": comm.device_path})
+                             "how": how.algorithm if how else "?"})
 
     anyio.run(main, backend=spec.get("backend", "asyncio"))
     Path(spec["out"]).write_text(json.dumps({"rank": rank, "rows": rows}))
@@ -303,19 +308,25 @@ def run(*, durations_us: list[float], trials: int, overhead_iters: int, staged_s
     cpu = cpu_use()
     print(f"# CPU: idle with a communicator open {cpu['idle_cpu_pct']:.2f}%; during an unexpected "
           f"{cpu['long_wait_ms']:.0f} ms wait {cpu['long_wait_cpu_pct']:.1f}%", flush=True)
-    overheads = [host_overhead(1, overhead_iters, 5, backend)]
+    overheads = [host_overhead(1, overhead_iters, 20, backend)]
     if ngpu >= 2:
-        overheads.append(host_overhead(2, overhead_iters, 5, backend))
-    print("# host time per 8 B all_reduce on CUDA (us, median of 5 rounds): "
+        overheads.append(host_overhead(2, overhead_iters, 20, backend))
+    print("# host time per 8 B all_reduce on CUDA (us, medians of 20 interleaved rounds): "
           "torch launch only / torch + stream sync / ours awaited", flush=True)
     for o in overheads:
         print(f"world {o['world']} ({o['path']}): {o['torch_launch_us']:.1f} / {o['torch_sync_us']:.1f} / "
               f"{o['ours_us']:.1f}  ours/torch+sync {o['ours_over_torch_sync']:.2f}  "
-              f"ours/torch launch {o['ours_over_torch_launch']:.2f}", flush=True)
-    staged = staged_p2p(staged_sizes, 10, backend, None)
-    print("# host-staged one-way CUDA->CUDA between 2 processes on one GPU vs pinned PCIe copies")
+              f"ours/torch launch {o['ours_over_torch_launch']:.2f} (median of per-round ratios)", flush=True)
+    staged = [{**row, "ring": "64 MiB"} for row in staged_p2p(staged_sizes, 10, backend, None)]  # CUDA default
+    os.environ["SAGELLM_COMM_SHM_RING_BYTES"] = str(4 << 20)  # the host-copy default, for comparison
+    try:
+        staged += [{**row, "ring": "4 MiB"} for row in staged_p2p(staged_sizes, 10, backend, None)]
+    finally:
+        os.environ.pop("SAGELLM_COMM_SHM_RING_BYTES", None)
+    print("# host-staged one-way CUDA->CUDA between 2 processes on one GPU (no NCCL) vs pinned PCIe copies")
     for s in staged:
-        print(f"{fmt_bytes(s['bytes']):>8}: {s['gbps']:.2f} GB/s ({s['path']}), PCIe h2d {s['pcie_h2d_gbps']:.1f} "
+        print(f"{fmt_bytes(s['bytes']):>8} ring {s.get('ring', 'default'):>7}: {s['gbps']:.2f} GB/s "
+              f"({s['how']}), PCIe h2d {s['pcie_h2d_gbps']:.1f} "
               f"d2h {s['pcie_d2h_gbps']:.1f}  ratio {s['ratio_to_pcie']:.2f}  ok={s['ok']}", flush=True)
     ok = all(s["ok"] for s in staged)
     if json_path:

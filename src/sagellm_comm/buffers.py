@@ -229,6 +229,53 @@ def scale_avg(acc: Any, world_size: int) -> None:
 
 
 
+class DeviceBytes:
+    """A flat byte range of a CUDA tensor, for transports that move device memory themselves.
+
+    The shared-memory transport copies these with the GPU's copy engines straight
+    into and out of its (page-locked) rings; everything else asks for host bytes.
+    `stream` is where those copies run; it must already be ordered after the
+    caller's work on the tensor.
+    """
+
+    __slots__ = ("stream", "t")
+
+    def __init__(self, t: Any, stream: Any) -> None:
+        self.t = t  # 1-D torch.uint8 view on the device
+        self.stream = stream
+
+    @classmethod
+    def of(cls, tensor: Any, stream: Any) -> DeviceBytes:
+        torch = _torch()
+        return cls(tensor.detach().reshape(-1).view(torch.uint8), stream)
+
+    def __len__(self) -> int:
+        return int(self.t.numel())
+
+    def __getitem__(self, s: slice) -> DeviceBytes:
+        return DeviceBytes(self.t[s], self.stream)
+
+    def __setitem__(self, s: slice, src: Any) -> None:
+        """Copy host bytes in (small pieces: a header's read-ahead, a message that came early)."""
+        torch = _torch()
+        host = torch.frombuffer(memoryview(src).cast("B"), dtype=torch.uint8) if len(src) else None
+        if host is not None:
+            with torch.cuda.stream(self.stream):
+                self.t[s].copy_(host)
+            self.stream.synchronize()
+
+    def to_host(self) -> memoryview:
+        """The bytes, copied to host memory (a receive withdrawn part-way keeps them)."""
+        with _torch().cuda.stream(self.stream):
+            host = self.t.cpu()
+        return bytes_view(host.numpy())
+
+
+def as_host_bytes(view: Any) -> Any:
+    """`view` itself, or its bytes copied to the host if it is device memory."""
+    return view.to_host() if isinstance(view, DeviceBytes) else view
+
+
 class ScratchPool:
     """Reused byte blocks for receives that cannot land in the caller's memory.
 

@@ -77,8 +77,8 @@ def _add_bench(sub: Any) -> None:
                                     "between two processes vs pinned PCIe copies, in one run.")
     g.add_argument("--kernels-us", default="0,50,500,5000", help="kernel lengths for the latency test")
     g.add_argument("--trials", type=int, default=200, help="trials per kernel length")
-    g.add_argument("--iters", type=int, default=2000, help="all_reduce calls per overhead round")
-    g.add_argument("--staged-sizes", default="16M,64M,256M", help="sizes of the staged transfer")
+    g.add_argument("--iters", type=int, default=300, help="all_reduce calls per overhead round (20 rounds)")
+    g.add_argument("--staged-sizes", default="64M,256M,1G", help="sizes of the staged transfer")
     g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     g.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
     o = bsub.add_parser("overlap", help="decode-loop overlap of compute and communication, vs sequential",

@@ -48,7 +48,7 @@ def priority_level(priority: str | int) -> int:
 
 def is_cuda(obj: object) -> bool:
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor) and obj.device.type == "cuda"
+    return torch is not None and isinstance(obj, torch.Tensor) and bool(obj.is_cuda)
 
 
 _TORCH_DTYPES: dict[Any, DType] = {}  # torch.dtype -> ours, filled on first use

@@ -9,6 +9,7 @@ the API says so and never keep a reference after they return.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import numpy as np
 
-from .buffers import Buffer, as_buffer, check_op, empty_like, view_elements
+from .buffers import Buffer, DeviceBytes, as_buffer, check_op, empty_like, view_elements
 from .collectives import direct, doubling, ring, select, tree
 from .collectives.context import OpContext
 from .device_ops import NCCL_OPS, DeviceOps, DeviceTensor, is_cuda, priority_level
@@ -269,11 +270,14 @@ class Communicator:
                                       lambda h, o: self.send(h[0], dst, tag, timeout=timeout, priority=priority))
             return
         buf = as_buffer(tensor, writable=False)
-        fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
-        rec = self._record("send", buf.nbytes, "direct", "point to point")
+        await self._send_bytes(buf.raw, Fingerprint(-1, "p2p", buf.dtype.name, buf.shape), dst, tag, timeout, level)
+
+    async def _send_bytes(self, raw: memoryview | DeviceBytes, fp: Fingerprint, dst: int, tag: int,
+                          timeout: float | None, level: int, algo: str = "direct") -> None:
+        rec = self._record("send", len(raw), algo, "point to point")
         try:
             with self._deadline(timeout, f"send to rank {dst} (tag {tag})"):
-                await self._engine.send(self._group.members[dst], (self.group_id, -1, tag), buf.raw, fp,
+                await self._engine.send(self._group.members[dst], (self.group_id, -1, tag), raw, fp,
                                         priority=level)
         except BaseException as e:
             self._done(rec, e)
@@ -296,9 +300,13 @@ class Communicator:
                                       lambda h, o: self.recv(o[0], src, tag, timeout=timeout, priority=priority))
             return tensor
         buf = as_buffer(tensor)
-        fp = Fingerprint(-1, "p2p", buf.dtype.name, buf.shape)
-        rec = self._record("recv", buf.nbytes, "direct", "point to point")
-        posted = self._engine.post(self._group.members[src], (self.group_id, -1, tag), buf.raw, fp)
+        await self._recv_bytes(buf.raw, Fingerprint(-1, "p2p", buf.dtype.name, buf.shape), src, tag, timeout)
+        return tensor
+
+    async def _recv_bytes(self, raw: memoryview | DeviceBytes, fp: Fingerprint, src: int, tag: int,
+                          timeout: float | None, algo: str = "direct") -> None:
+        rec = self._record("recv", len(raw), algo, "point to point")
+        posted = self._engine.post(self._group.members[src], (self.group_id, -1, tag), raw, fp)
         try:
             with self._deadline(timeout, f"recv from rank {src} (tag {tag})"):
                 await posted.wait()
@@ -307,7 +315,6 @@ class Communicator:
             self._done(rec, e)
             raise
         self._done(rec, None)
-        return tensor
 
     # -- fusion, overlap, device -------------------------------------------------------------
     def fuse(self, *, priority: str = "normal", timeout: float | None = None) -> FusedBucket:
@@ -523,10 +530,25 @@ class Communicator:
 
     async def _p2p_on_device(self, kind: str, dt: DeviceTensor, peer: int, tag: int, timeout: float | None,
                              priority: int, host_op: Callable[[list[Any], list[Any]], Awaitable[Any]]) -> None:
+        """A CUDA send or receive: on the NCCL lane if a collective opened it already (p2p
+        never opens it: that takes every rank), else by DMA through a shared-memory link,
+        else staged through pinned host memory. The bytes on the wire are the same on
+        the last two paths, so the other side may use either, or a host tensor."""
         ops = self._device_ops()
-        lane = await ops.lane(dt.obj.device, priority)
+        lane = ops.open_lanes.get(priority)
         if lane is None:
-            if kind == "send":
+            conn = self._engine.peers[self._group.members[peer]].conn
+            if conn.device_payloads:
+                torch = sys.modules["torch"]
+                stream = device.comm_stream(dt.obj.device, priority)
+                stream.wait_stream(torch.cuda.current_stream(dt.obj.device))  # after the caller's queued work
+                raw = DeviceBytes.of(dt.obj, stream)
+                fp = Fingerprint(-1, "p2p", dt.dtype.name, dt.shape)
+                if kind == "send":
+                    await self._send_bytes(raw, fp, peer, tag, timeout, priority, algo="device copy into shm")
+                else:
+                    await self._recv_bytes(raw, fp, peer, tag, timeout, algo="device copy from shm")
+            elif kind == "send":
                 await ops.staged([dt.obj], [], priority, host_op)
             else:
                 await ops.staged([], [dt.obj], priority, host_op)

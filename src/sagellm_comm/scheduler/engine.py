@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .. import wire
-from ..buffers import ScratchPool, bytes_view
+from ..buffers import DeviceBytes, ScratchPool, as_host_bytes, bytes_view
 from ..errors import (
     CollectiveAborted,
     CollectiveMismatch,
@@ -38,6 +38,8 @@ from .matching import Channel, Matcher, Recv, Unexpected
 from .ordering import GroupState
 
 log = logging.getLogger("sagellm_comm.engine")
+
+DEVICE_FRAME_BYTES = 64 * 1024 * 1024  # within every receiver's frame limit (wire.DEFAULT_MAX_FRAME_BYTES)
 
 # Control frames (Abort, Cancel, heartbeat, Bye) outrank every data priority (high is 1),
 # so a failure reaches peers ahead of queued bulk data instead of behind it.
@@ -164,7 +166,7 @@ class Engine:
             raise PeerLost(str(peer.error), peer=rank)
         return peer
 
-    async def send(self, dst: int, channel: Channel, raw: memoryview, fp: Fingerprint | None, *,
+    async def send(self, dst: int, channel: Channel, raw: memoryview | DeviceBytes, fp: Fingerprint | None, *,
                    priority: int = 0) -> None:
         """Send one message to global rank `dst`, split into frames of `frame_bytes`.
 
@@ -179,7 +181,8 @@ class Engine:
         peer.next_mid += 1
         total = len(raw)
         group, seq, tag = channel
-        frame = self.config.frame_bytes
+        # device bytes go by DMA, one awaited copy per frame: larger frames amortize that
+        frame = self.config.frame_bytes if not isinstance(raw, DeviceBytes) else DEVICE_FRAME_BYTES
         offset = 0
         try:
             while True:
@@ -224,7 +227,7 @@ class Engine:
             self._tg.start_soon(fn, *args)
 
     # -- receiving ---------------------------------------------------------------------
-    def post(self, src: int, channel: Channel, dest: memoryview, fp: Fingerprint | None) -> Recv:
+    def post(self, src: int, channel: Channel, dest: memoryview | DeviceBytes, fp: Fingerprint | None) -> Recv:
         """Post a receive for the next message from global rank `src` on `channel`."""
         recv = Recv(src, channel, dest, fp)
         if self.closed is not None:
@@ -275,7 +278,7 @@ class Engine:
             if inc is not None:
                 if p2p:
                     msg = self.matcher.add_unexpected(recv.src, recv.channel, inc.fp, inc.total, front=True)
-                    msg.block[: inc.received] = recv.dest[: inc.received]
+                    msg.block[: inc.received] = as_host_bytes(recv.dest[: inc.received])
                     msg.received = inc.received
                     inc.target = msg
                 else:
@@ -418,6 +421,12 @@ class Engine:
             else:
                 view = bytes_view(t.block)[inc.received : end]
             n = await conn.recv_some_into(view)
+            if inc.target is not t and isinstance(view, DeviceBytes):
+                # the receive was withdrawn while a device copy into it was landing (host copies
+                # never yield mid-way): carry those bytes over to wherever the message goes now
+                moved = inc.target
+                if isinstance(moved, Unexpected):
+                    bytes_view(moved.block)[inc.received : inc.received + n] = view[:n].to_host()
             inc.received += n
         if end == d.total:
             peer.incoming.pop(d.mid, None)

@@ -51,7 +51,7 @@ class Recv:
 
     __slots__ = ("_event", "_finished", "channel", "dest", "error", "fp", "received", "src", "state", "total")
 
-    def __init__(self, src: int, channel: Channel, dest: memoryview, fp: Fingerprint | None):
+    def __init__(self, src: int, channel: Channel, dest: Any, fp: Fingerprint | None):
         self.src = src
         self.channel = channel
         self.dest = dest

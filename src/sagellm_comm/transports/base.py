@@ -16,10 +16,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
+from ..buffers import DeviceBytes
 from ..errors import PeerLost
 
 Bytes = bytes | bytearray | memoryview
@@ -94,6 +96,7 @@ class Connection(ABC):
     """A reliable, ordered byte stream to one peer, written in whole frames."""
 
     transport: str = "?"
+    device_payloads = False  # moves `DeviceBytes` itself (CUDA memory); others are given host bytes
     greedy_reads = True  # fill the read-ahead buffer as far as one read gives (saves syscalls)
 
     def __init__(self) -> None:
@@ -154,7 +157,8 @@ class Connection(ABC):
         return self.transport
 
     # -- shared ----------------------------------------------------------------------
-    async def send_frame(self, head: Bytes, payload: Bytes | None = None, *, priority: int = 0) -> None:
+    async def send_frame(self, head: Bytes, payload: Bytes | DeviceBytes | None = None, *,
+                         priority: int = 0) -> None:
         """Write one frame (prefix+header, then payload) atomically with respect to other frames.
 
         Writers waiting for the connection go highest `priority` first (FIFO within
@@ -164,9 +168,9 @@ class Connection(ABC):
         cannot hold it forever: the heartbeat watchdog aborts the connection, which
         fails the write.
         """
-        parts = [memoryview(head).cast("B")]
+        parts: list[Any] = [memoryview(head).cast("B")]
         if payload is not None and len(payload):
-            parts.append(memoryview(payload).cast("B"))
+            parts.append(payload if isinstance(payload, DeviceBytes) else memoryview(payload).cast("B"))
         nbytes = sum(len(p) for p in parts)
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller writes nothing
         lock = self._send_lock

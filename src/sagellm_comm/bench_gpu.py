@@ -149,7 +149,7 @@ def overhead_worker(spec: dict[str, Any]) -> int:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{spec['torch_port']}", rank=rank,
                             world_size=world, device_id=torch.device("cuda", torch.cuda.current_device()))
     x = torch.ones(2, device="cuda")  # 8 bytes
-    res: dict[str, list[float]] = {"torch_launch": [], "torch_sync": [], "ours": []}
+    res: dict[str, list[float]] = {"torch_launch": [], "torch_sync": [], "ours": [], "lane_launch": []}
 
     def torch_blocks() -> None:
         for _ in range(50):
@@ -181,6 +181,14 @@ def overhead_worker(spec: dict[str, Any]) -> int:
                     await comm.all_reduce(x)
                 res["ours"].append((time.perf_counter() - t0) / iters * 1e6)
                 await comm.barrier()
+                lane = comm._device_ops().open_lanes.get(0)
+                if lane is not None:  # the decomposition: our process group's bare launch
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        lane.all_reduce(x, "sum")
+                    res["lane_launch"].append((time.perf_counter() - t0) / iters * 1e6)
+                    torch.cuda.synchronize()
+                    await comm.barrier()
             res["path"] = [comm.device_path]  # type: ignore[list-item]
 
     anyio.run(main, backend=spec.get("backend", "asyncio"))
@@ -196,7 +204,7 @@ def host_overhead(world: int, iters: int, rounds: int, backend: str) -> dict[str
     runs = launch("gpu-overhead", specs, timeout=300.0)
     r0 = runs[0].result or {}
     out: dict[str, Any] = {"world": world, "backend": backend, "path": r0.get("path", ["?"])[0]}
-    for k in ("torch_launch", "torch_sync", "ours"):
+    for k in ("torch_launch", "torch_sync", "ours", "lane_launch"):
         out[f"{k}_us"] = statistics.median(r0.get(k) or [float("nan")])
     # ratios per round (the three blocks of a round run back to back), then the median
     rounds_ = list(zip(r0.get("ours") or [], r0.get("torch_sync") or [], r0.get("torch_launch") or [],
@@ -316,7 +324,8 @@ def run(*, durations_us: list[float], trials: int, overhead_iters: int, staged_s
     for o in overheads:
         print(f"world {o['world']} ({o['path']}): {o['torch_launch_us']:.1f} / {o['torch_sync_us']:.1f} / "
               f"{o['ours_us']:.1f}  ours/torch+sync {o['ours_over_torch_sync']:.2f}  "
-              f"ours/torch launch {o['ours_over_torch_launch']:.2f} (median of per-round ratios)", flush=True)
+              f"ours/torch launch {o['ours_over_torch_launch']:.2f} (median of per-round ratios); "
+              f"our process group's bare launch {o['lane_launch_us']:.1f}", flush=True)
     staged = [{**row, "ring": "64 MiB"} for row in staged_p2p(staged_sizes, 10, backend, None)]  # CUDA default
     os.environ["SAGELLM_COMM_SHM_RING_BYTES"] = str(4 << 20)  # the host-copy default, for comparison
     try:

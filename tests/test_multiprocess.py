@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import procs
+from procs import free_port
+
 pytestmark = pytest.mark.multiprocess
 
 WORKER = str(Path(__file__).with_name("mp_worker.py"))
@@ -35,70 +38,11 @@ def _ucx_skip() -> str | None:
     return None if ok else why
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Ranks:
-    """The processes of one world, killed at exit whatever happened."""
-
-    def __init__(self, scenario: str, world: int, backend: str, only: list[int] | None = None,
-                 port: int | None = None, transport: str = "auto") -> None:
-        self.port = port or free_port()
-        self.env = dict(os.environ, SAGELLM_COMM_TRANSPORT=transport)
-        self.procs: dict[int, subprocess.Popen[str]] = {}
-        for r in only if only is not None else range(world):
-            self.start(scenario, r, world, backend)
-
-    def start(self, scenario: str, rank: int, world: int, backend: str) -> None:
-        self.procs[rank] = subprocess.Popen(
-            [sys.executable, WORKER, scenario, str(rank), str(world), str(self.port), backend],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
-
-    def wait_line(self, rank: int, text: str, timeout: float) -> None:
-        proc = self.procs[rank]
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if text in line:
-                return
-            if not line and proc.poll() is not None:
-                break
-        raise AssertionError(f"rank {rank} never printed {text!r}: {proc.stderr.read() if proc.stderr else ''}")
-
-    def results(self, timeout: float, ranks: list[int] | None = None) -> dict[int, dict[str, object]]:
-        out: dict[int, dict[str, object]] = {}
-        deadline = time.monotonic() + timeout
-        for r in ranks if ranks is not None else list(self.procs):
-            proc = self.procs[r]
-            try:
-                stdout, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-                raise AssertionError(f"rank {r} did not finish within {timeout} s (hang)") from None
-            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-            assert lines, f"rank {r} exited {proc.returncode} without a result:\n{stderr[-3000:]}"
-            out[r] = json.loads(lines[-1].removeprefix("RESULT "))
-        return out
-
-    def kill_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                proc.kill()
-                proc.wait()
-
-    def __enter__(self) -> Ranks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill_all()
+def Ranks(scenario: str, world: int, backend: str, only: list[int] | None = None,
+          port: int | None = None, transport: str = "auto") -> procs.Ranks:
+    """mp_worker.py ranks with the transport set through SAGELLM_COMM_TRANSPORT."""
+    return procs.Ranks(WORKER, scenario, world, backend, only=only, port=port,
+                       env={"SAGELLM_COMM_TRANSPORT": transport})
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

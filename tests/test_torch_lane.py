@@ -9,17 +9,12 @@ deadline, so a hang is a failure.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+import procs
 from sagellm_comm.transports.nccl import backend_available
 
 pytestmark = [
@@ -32,74 +27,15 @@ WORKER = str(Path(__file__).with_name("lane_worker.py"))
 BACKENDS = ["asyncio", "trio"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Ranks:
-    """The worker processes of one world, killed at exit whatever happened."""
-
-    def __init__(self, scenario: str, world: int, backend: str, arg: str = "") -> None:
-        port = free_port()
-        self.procs = {
-            r: subprocess.Popen([sys.executable, WORKER, scenario, str(r), str(world), str(port), backend, arg],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-            for r in range(world)
-        }
-
-    def wait_line(self, rank: int, text: str, timeout: float) -> None:
-        proc = self.procs[rank]
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if text in line:
-                return
-            if not line and proc.poll() is not None:
-                break
-        self.kill_all()
-        raise AssertionError(f"rank {rank} never printed {text!r}: {proc.stderr.read() if proc.stderr else ''}")
-
-    def results(self, timeout: float, ranks: list[int] | None = None) -> dict[int, dict[str, object]]:
-        out: dict[int, dict[str, object]] = {}
-        deadline = time.monotonic() + timeout
-        for r in ranks if ranks is not None else list(self.procs):
-            proc = self.procs[r]
-            try:
-                stdout, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill_all()
-                raise AssertionError(f"rank {r} did not finish within {timeout} s (hang)") from None
-            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-            assert lines, f"rank {r} exited {proc.returncode} without a result:\n{stderr[-3000:]}"
-            out[r] = json.loads(lines[-1].removeprefix("RESULT "))
-            assert proc.returncode == 0, f"rank {r} exited {proc.returncode}:\n{stderr[-3000:]}"
-        return out
-
-    def kill_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                proc.kill()
-                proc.wait()
-
-    def __enter__(self) -> Ranks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill_all()
+def Ranks(scenario: str, world: int, backend: str, arg: str = "") -> procs.Ranks:
+    return procs.Ranks(WORKER, scenario, world, backend, extra=(arg,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_lane_op_gives_the_right_values(world: int, backend: str) -> None:
     with Ranks("ops", world, backend) as ranks:
-        results = ranks.results(timeout=150)
+        results = ranks.results(timeout=150, clean_exit=True)
     names = None
     failed: list[str] = []
     for r, res in results.items():
@@ -121,7 +57,7 @@ def test_every_lane_op_gives_the_right_values(world: int, backend: str) -> None:
 def test_one_rank_without_the_backend_is_lane_unavailable_everywhere(world: int, bad_rank: int,
                                                                      backend: str) -> None:
     with Ranks("unavailable", world, backend, str(bad_rank)) as ranks:
-        results = ranks.results(timeout=90)
+        results = ranks.results(timeout=90, clean_exit=True)
     for r, res in results.items():
         assert res["error"] == "LaneUnavailable", (r, res)
         assert f"ranks [{bad_rank}]" in str(res["message"]) and "gloo" in str(res["message"]), (r, res)
@@ -133,7 +69,7 @@ def test_one_rank_without_the_backend_is_lane_unavailable_everywhere(world: int,
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_sharing_a_device_are_lane_unavailable_everywhere(backend: str) -> None:
     with Ranks("shared_gpu", 3, backend) as ranks:
-        results = ranks.results(timeout=90)
+        results = ranks.results(timeout=90, clean_exit=True)
     for r, res in results.items():
         assert res["error"] == "LaneUnavailable" and "share a GPU" in str(res["message"]), (r, res)
         assert res["reduced"] and res["after"] == "" and res["lane_sum"] == [6] * 4, (r, res)

@@ -187,7 +187,7 @@ class ShmConnection(Connection):
 
     transport = "shm"
     greedy_reads = False  # no syscall per read: take only the bytes asked for
-    device_payloads = True  # CUDA memory goes through the rings by DMA (see `_dma_out`, `_dma_in`)
+    device_payloads = True  # CUDA memory goes through the rings by DMA (see `_dma`)
 
     def __init__(self, segment: mmap.mmap, dialer: bool, bell: socket.socket, space_bell: socket.socket,
                  ring_size: int) -> None:
@@ -299,7 +299,7 @@ class ShmConnection(Connection):
     async def _send_parts(self, parts: list[Any]) -> None:
         for part in parts:
             if isinstance(part, DeviceBytes):
-                await self._dma_out(part)
+                await self._dma(part, outgoing=True)
                 continue
             rest = [part]
             while True:
@@ -319,89 +319,66 @@ class ShmConnection(Connection):
             self._pinned = PinnedSegment(self._segment)
         return self._pinned.tensor
 
-    async def _dma_out(self, src: DeviceBytes) -> None:
-        """Copy device bytes into the outgoing ring with the GPU (device to page-locked host).
+    async def _dma(self, dev: DeviceBytes, outgoing: bool) -> int:
+        """Copy between device bytes and a ring with the GPU's copy engines, pipelined.
 
-        Copies of a quarter ring each, the next one queued while the last one runs,
-        so the copy engine never idles waiting for the host; each is published as
-        soon as it lands, so the reader copies it out while later ones come in.
+        Copies of a quarter ring each, up to DMA_DEPTH queued, so the copy engine never
+        idles waiting for the host; each chunk is handed over (published to the reader,
+        or its space given back to the writer) as soon as its copy lands, so the other
+        side works on it while later chunks are copied. Incoming, it returns early with
+        what it has when the writer has gone and the ring is empty.
         """
         seg = self._segment_tensor()
         torch = sys.modules["torch"]
-        out = self._out
-        ctrl = out.ctrl
-        chunk = max(out.size // 4, 1)
-        pending: deque[tuple[Any, int]] = deque()  # (event, head once it has landed)
-        done = 0
-        while done < len(src) or pending:
-            self._check_open()
-            while done < len(src) and len(pending) < DMA_DEPTH:
-                head = pending[-1][1] if pending else ctrl[HEAD]
-                pos = head & out.mask
-                n = min(out.size - (head - ctrl[TAIL]), len(src) - done, out.size - pos, chunk)
-                if n <= 0:
-                    break
-                event = torch.cuda.Event()
-                with torch.cuda.stream(src.stream):
-                    seg[out.offset + pos : out.offset + pos + n].copy_(src.t[done : done + n], non_blocking=True)
-                    event.record(src.stream)
-                pending.append((event, head + n))
-                done += n
-            if not pending:
-                await self._wait(self._space, self._space_bell, self._out, WRITER_PARKED, spin=DMA_SPIN)
-                continue
-            event, head = pending[0]
-            await device.wait_event(event, key="shm device copy")
-            pending.popleft()
-            ctrl[HEAD] = head
-            if ctrl[READER_PARKED]:
-                self._ring(self._bell)
-
-    async def _dma_in(self, dst: DeviceBytes) -> int:
-        """Copy ring bytes to the device with the GPU until `dst` is full (or the peer is gone).
-
-        Pipelined like `_dma_out`: up to DMA_DEPTH copies of a quarter ring in flight,
-        each chunk's ring space handed back as soon as its copy has landed.
-        """
-        seg = self._segment_tensor()
-        torch = sys.modules["torch"]
-        inp = self._in
-        ctrl = inp.ctrl
-        chunk = max(inp.size // 4, 1)
-        pending: deque[tuple[Any, int]] = deque()  # (event, tail once it has landed)
+        ring = self._out if outgoing else self._in
+        ctrl = ring.ctrl
+        mine = HEAD if outgoing else TAIL  # the index this side advances
+        chunk = max(ring.size // 4, 1)
+        pending: deque[tuple[Any, int]] = deque()  # (event, our index once its copy has landed)
         issued = 0
-        while issued < len(dst) or pending:
-            while issued < len(dst) and len(pending) < DMA_DEPTH:
-                tail = pending[-1][1] if pending else ctrl[TAIL]
-                pos = tail & inp.mask
-                n = min(ctrl[HEAD] - tail, len(dst) - issued, inp.size - pos, chunk)
+        while issued < len(dev) or pending:
+            if outgoing:
+                self._check_open()
+            while issued < len(dev) and len(pending) < DMA_DEPTH:
+                index = pending[-1][1] if pending else ctrl[mine]
+                room = ring.size - (index - ctrl[TAIL]) if outgoing else ctrl[HEAD] - index
+                pos = index & ring.mask
+                n = min(room, len(dev) - issued, ring.size - pos, chunk)
                 if n <= 0:
                     break
+                host = seg[ring.offset + pos : ring.offset + pos + n]
+                part = dev.t[issued : issued + n]
                 event = torch.cuda.Event()
-                with torch.cuda.stream(dst.stream):
-                    dst.t[issued : issued + n].copy_(seg[inp.offset + pos : inp.offset + pos + n],
-                                                     non_blocking=True)
-                    event.record(dst.stream)
-                pending.append((event, tail + n))
+                with torch.cuda.stream(dev.stream):
+                    if outgoing:
+                        host.copy_(part, non_blocking=True)
+                    else:
+                        part.copy_(host, non_blocking=True)
+                    event.record(dev.stream)
+                pending.append((event, index + n))
                 issued += n
             if pending:
-                event, tail = pending[0]
+                event, index = pending[0]
                 await device.wait_event(event, key="shm device copy")
                 pending.popleft()
-                ctrl[TAIL] = tail
-                if ctrl[WRITER_PARKED]:
+                ctrl[mine] = index
+                if outgoing and ctrl[READER_PARKED]:
+                    self._ring(self._bell)
+                elif not outgoing and ctrl[WRITER_PARKED]:
                     self._ring(self._space_bell)
-                continue
-            if self._closed or self._peer_gone or ctrl[WRITER_CLOSED]:
+            elif outgoing:
+                await self._wait(self._space, self._space_bell, ring, WRITER_PARKED, spin=DMA_SPIN)
+            elif self._closed or self._peer_gone or ctrl[WRITER_CLOSED]:
                 break  # what arrived is returned; the next read reports the end
-            await self._wait(self._data, self._bell, inp, READER_PARKED, spin=DMA_SPIN)
+            else:
+                await self._wait(self._data, self._bell, ring, READER_PARKED, spin=DMA_SPIN)
         return issued
 
     async def _recv_some(self, view: Any) -> int:
         inp = self._in
         while True:
             if isinstance(view, DeviceBytes):
-                n = await self._dma_in(view) if inp.readable() else 0
+                n = await self._dma(view, outgoing=False) if inp.readable() else 0
             else:
                 n = inp.read_some(view)
             if n:

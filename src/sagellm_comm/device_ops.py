@@ -126,7 +126,16 @@ class DeviceOps:
         self.pinned = PinnedPool()
         self._lanes: dict[int, TorchLane | LaneUnavailable] = {}
         self.open_lanes: dict[int, TorchLane] = {}  # the usable ones, for the per-op fast path
+        self._streams: dict[tuple[Any, int], Any] = {}
         self._check = self._make_watchdog()
+
+    def stream(self, dev: Any, priority: int) -> Any:
+        """This group's communication stream on `dev` at `priority` (staging copies, DMA)."""
+        key = (dev, priority)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = device.new_comm_stream(dev, priority)
+        return stream
 
     # -- choosing the path ---------------------------------------------------------------
     async def lane(self, dev: Any, priority: int) -> TorchLane | None:
@@ -222,7 +231,7 @@ class DeviceOps:
         """
         torch = sys.modules["torch"]
         dev = (inputs or outputs)[0].device
-        stream = device.comm_stream(dev, priority)
+        stream = self.stream(dev, priority)
         stream.wait_stream(torch.cuda.current_stream(dev))
         blocks: list[Any] = []
 

@@ -540,7 +540,7 @@ class Communicator:
             conn = self._engine.peers[self._group.members[peer]].conn
             if conn.device_payloads:
                 torch = sys.modules["torch"]
-                stream = device.comm_stream(dt.obj.device, priority)
+                stream = ops.stream(dt.obj.device, priority)
                 stream.wait_stream(torch.cuda.current_stream(dt.obj.device))  # after the caller's queued work
                 raw = DeviceBytes.of(dt.obj, stream)
                 fp = Fingerprint(-1, "p2p", dt.dtype.name, dt.shape)

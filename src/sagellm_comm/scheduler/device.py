@@ -134,21 +134,28 @@ async def wait_stream(stream: Any = None, *, expected: float | None = None) -> N
     await poll_until(event.query, key=f"stream {stream.device}:{stream.stream_id}", expected=expected)
 
 
+def new_comm_stream(device: Any, priority: int = 0) -> Any:
+    """A new stream for communication work on `device`.
+
+    priority 1 ("high") gets CUDA's highest stream priority, so its kernels and
+    copies are scheduled before queued work of ordinary streams.
+    """
+    torch = _torch()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.Stream(device=index, priority=-1 if priority > 0 else 0)  # lower is higher in CUDA
+
+
 _comm_streams: dict[tuple[int, int], Any] = {}
 
 
 def comm_stream(device: Any, priority: int = 0) -> Any:
-    """This process's communication stream for `device` (one per priority level).
+    """This process's shared communication stream for `device`, one per priority level.
 
-    priority 1 ("high") gets CUDA's highest stream priority, so its kernels are
-    scheduled before queued work of ordinary streams.
+    Communicators use streams of their own (`new_comm_stream`); this one is for user
+    code that wants a side stream for transfers, like a KV offload.
     """
-    torch = _torch()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, priority)
+    key = (device.index if device.index is not None else _torch().cuda.current_device(), priority)
     stream = _comm_streams.get(key)
     if stream is None:
-        cuda_priority = -1 if priority > 0 else 0  # lower numbers are higher priority in CUDA
-        stream = torch.cuda.Stream(device=index, priority=cuda_priority)
-        _comm_streams[key] = stream
+        stream = _comm_streams[key] = new_comm_stream(device, priority)
     return stream

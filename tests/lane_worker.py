@@ -204,6 +204,7 @@ async def scenario(name: str, rank: int, world: int, port: int, arg: str) -> Non
             except sc.CommError as e:
                 report(rank=r, error=type(e).__name__, message=str(e), peer=getattr(e, "peer", None),
                        aborted=lane.aborted, seconds=time.monotonic() - t0)
+            await anyio.sleep(4)  # stay until the other survivor has seen the frozen rank itself
             os._exit(0)  # gloo's threads may still wait on the frozen peer: do not join them
 
 

@@ -431,7 +431,7 @@ class Communicator:
     async def _collective(self, kind: str, buf: Buffer | DeviceTensor | None,
                           body: Callable[[OpContext], Awaitable[None]],
                           algo: str, why: str, *, root: int = -1, op: str = "",
-                          timeout: float | None, priority: int = 0, solo: bool = False) -> None:
+                          timeout: float | None, priority: int = 0) -> None:
         self._check_open(kind)
         g = self._group
         fp = g.begin(kind, buf.dtype.name if buf else "", buf.shape if buf else (), root, op)
@@ -440,7 +440,7 @@ class Communicator:
         limit = timeout if timeout is not None else self._timeout
         try:
             self._check_early_frames(fp)
-            if g.size > 1 or solo:
+            if g.size > 1:
                 with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
                     await body(ctx)
         except BaseException as e:

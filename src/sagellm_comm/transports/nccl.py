@@ -180,14 +180,24 @@ async def open_lane(comm: Communicator, backend: str, device: Any, priority: int
     if len(set(gpus)) != len(gpus):
         raise LaneUnavailable(f"ranks of group {comm.group_id!r} share a GPU ({backend} needs one GPU per rank)")
     root = infos[0]
-    if store is None:
-        store = torch.distributed.TCPStore(root["host"], root["port"], comm.world_size, False,
-                                           timeout=STORE_TIMEOUT)
-    prefix = torch.distributed.PrefixStore(f"sagellm/{comm.group_id}/{priority}", store)
-    if backend == "nccl":
-        opts = torch.distributed.ProcessGroupNCCL.Options()
-        opts.is_high_priority_stream = priority > 0
-        pg = torch.distributed.ProcessGroupNCCL(prefix, comm.rank, comm.world_size, opts)
-    else:
-        pg = torch.distributed.ProcessGroupGloo(prefix, comm.rank, comm.world_size)
+    pg = None
+    why = ""
+    try:
+        if store is None:
+            store = torch.distributed.TCPStore(root["host"], root["port"], comm.world_size, False,
+                                               timeout=STORE_TIMEOUT)
+        prefix = torch.distributed.PrefixStore(f"sagellm/{comm.group_id}/{priority}", store)
+        if backend == "nccl":
+            opts = torch.distributed.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = priority > 0
+            pg = torch.distributed.ProcessGroupNCCL(prefix, comm.rank, comm.world_size, opts)
+        else:
+            pg = torch.distributed.ProcessGroupGloo(prefix, comm.rank, comm.world_size)
+    except Exception as e:  # reported to every rank below, so that none waits inside NCCL for us
+        why = f"rank {comm.rank} could not create its {backend} process group: {e!r}"
+        log.warning("%s", why)
+    agreed = np.array([0 if pg is None else 1], np.int32)
+    await comm.all_reduce(agreed, op="min")
+    if not agreed[0]:
+        raise LaneUnavailable(why or f"a rank of group {comm.group_id!r} could not create its {backend} process group")
     return TorchLane(backend, pg, store, comm.rank, comm.world_size, priority)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -305,29 +305,33 @@ class ScratchPool:
 
     Blocks come in power-of-two size classes and go back on `release`, so a
     steady workload allocates nothing after warm-up. At most `max_cached_bytes`
-    are kept; the rest is freed.
+    are kept; the rest is freed. `alloc(nbytes)` makes a new block (a numpy uint8
+    array by default; page-locked torch tensors for CUDA staging), `min_block` is
+    the smallest class.
     """
 
-    def __init__(self, max_cached_bytes: int = 1 << 30) -> None:
-        self._free: dict[int, list[np.ndarray[Any, Any]]] = {}
+    def __init__(self, max_cached_bytes: int = 1 << 30, *, alloc: Callable[[int], Any] | None = None,
+                 min_block: int = 4096) -> None:
+        self._free: dict[int, list[Any]] = {}
         self._cached = 0
         self._max = max_cached_bytes
+        self._alloc = alloc or (lambda n: np.empty(n, dtype=np.uint8))
+        self._min = min_block
 
-    @staticmethod
-    def _size_class(nbytes: int) -> int:
-        return max(4096, 1 << (max(nbytes, 1) - 1).bit_length())
+    def _size_class(self, nbytes: int) -> int:
+        return max(self._min, 1 << (max(nbytes, 1) - 1).bit_length())
 
-    def acquire(self, nbytes: int) -> np.ndarray[Any, Any]:
-        """A uint8 array of at least `nbytes`; slice it to the length you need."""
+    def acquire(self, nbytes: int) -> Any:
+        """A uint8 block of at least `nbytes`; slice it to the length you need."""
         cls = self._size_class(nbytes)
         blocks = self._free.get(cls)
         if blocks:
             self._cached -= cls
             return blocks.pop()
-        return np.empty(cls, dtype=np.uint8)
+        return self._alloc(cls)
 
-    def release(self, block: np.ndarray[Any, Any]) -> None:
-        cls = block.nbytes
+    def release(self, block: Any) -> None:
+        cls = len(block)
         if self._cached + cls > self._max:
             return
         self._free.setdefault(cls, []).append(block)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from .buffers import DTYPES, DType
+from .buffers import DTYPES, DType, ScratchPool
 from .errors import CommError, InvalidArgument, PeerLost, UnsupportedBuffer, unwrap_group_errors
 from .scheduler import device
 from .transports.nccl import LaneUnavailable, TorchLane, open_lane
@@ -82,28 +82,14 @@ class DeviceTensor:
         return f"torch.Tensor(dtype={self.dtype.name}, shape={self.shape}, device={self.obj.device})"
 
 
-class PinnedPool:
+def _pinned_block(nbytes: int) -> Any:
+    torch = sys.modules["torch"]
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def pinned_pool() -> ScratchPool:
     """Reused page-locked host blocks for staging (pinning is slow: never per call)."""
-
-    def __init__(self, max_cached_bytes: int = 1 << 30) -> None:
-        self._free: dict[int, list[Any]] = {}
-        self._cached = 0
-        self._max = max_cached_bytes
-
-    def acquire(self, nbytes: int) -> Any:
-        cls = max(65536, 1 << (max(nbytes, 1) - 1).bit_length())
-        blocks = self._free.get(cls)
-        if blocks:
-            self._cached -= cls
-            return blocks.pop()
-        torch = sys.modules["torch"]
-        return torch.empty(cls, dtype=torch.uint8, pin_memory=True)
-
-    def release(self, block: Any) -> None:
-        cls = block.numel()
-        if self._cached + cls <= self._max:
-            self._free.setdefault(cls, []).append(block)
-            self._cached += cls
+    return ScratchPool(alloc=_pinned_block, min_block=65536)
 
 
 def _staged_copy_of(t: Any, inputs: list[Any], staged: list[Any]) -> Any:
@@ -123,7 +109,7 @@ class DeviceOps:
         self.comm = comm
         self.backend = backend
         self.host = host
-        self.pinned = PinnedPool()
+        self.pinned = pinned_pool()
         self._lanes: dict[int, TorchLane | LaneUnavailable] = {}
         self.open_lanes: dict[int, TorchLane] = {}  # the usable ones, for the per-op fast path
         self._streams: dict[tuple[Any, int], Any] = {}

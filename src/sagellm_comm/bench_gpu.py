@@ -237,62 +237,24 @@ def pcie_gbps(nbytes: int) -> dict[str, float]:
     return out
 
 
-def staged_worker(spec: dict[str, Any]) -> int:
-    """One rank of the staged CUDA p2p benchmark (`_worker gpu-staged SPEC`)."""
-    import anyio
-    import torch
+def staged_p2p(sizes: list[int], backend: str) -> list[dict[str, Any]]:
+    """One-way CUDA-to-CUDA transfers between two processes on one GPU (so no NCCL), against PCIe."""
+    from .bench_transports import measure_p2p
 
-    import sagellm_comm as sc
-
-    rank = int(spec["rank"])
-    rows = []
-
-    async def main() -> None:
-        async with sc.init_process_group(f"tcp://127.0.0.1:{spec['port']}", rank=rank, world_size=2,
-                                         timeout=120, transport=spec.get("transport")) as comm:
-            ack = torch.zeros(1, device="cuda")
-            for nbytes in spec["sizes"]:
-                buf = torch.full((nbytes // 4,), float(rank + 1), device="cuda")
-                times = []
-                for _ in range(int(spec["iters"])):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    if rank == 0:
-                        await comm.send(buf, 1)
-                        await comm.recv(ack, 1)
-                    else:
-                        await comm.recv(buf, 0)
-                        await comm.send(ack, 0)
-                    times.append(time.perf_counter() - t0)
-                ok = bool((buf == 1.0).all().item())
-                how = comm.stats.last("recv" if rank else "send")
-                rows.append({"bytes": nbytes, "ok": ok, "time_s": statistics.median(times[1:] or times),
-                             "how": how.algorithm if how else "?"})
-
-    anyio.run(main, backend=spec.get("backend", "asyncio"))
-    Path(spec["out"]).write_text(json.dumps({"rank": rank, "rows": rows}))
-    return 0
-
-
-def staged_p2p(sizes: list[int], iters: int, backend: str, transport: str | None) -> list[dict[str, Any]]:
-    port = free_port()
-    specs = [{"rank": r, "port": port, "sizes": sizes, "iters": iters, "backend": backend,
-              "transport": transport} for r in range(2)]
     env_gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        os.environ["CUDA_VISIBLE_DEVICES"] = env_gpu.split(",")[0] if env_gpu else "0"  # one GPU: no NCCL
-        runs = launch("gpu-staged", specs, timeout=300.0)
+        os.environ["CUDA_VISIBLE_DEVICES"] = env_gpu.split(",")[0] if env_gpu else "0"
+        rows = measure_p2p(None, sizes, 20, 1.0, backend, cuda=True)
     finally:
         if env_gpu is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = env_gpu
     out = []
-    for row in (runs[1].result or {}).get("rows", []):
+    for row in rows:
         pcie = pcie_gbps(row["bytes"])
-        gbps = row["bytes"] / row["time_s"] / 1e9
-        out.append({**row, "gbps": gbps, "pcie_h2d_gbps": pcie["h2d"], "pcie_d2h_gbps": pcie["d2h"],
-                    "ratio_to_pcie": gbps / min(pcie["h2d"], pcie["d2h"])})
+        out.append({**row, "pcie_h2d_gbps": pcie["h2d"], "pcie_d2h_gbps": pcie["d2h"],
+                    "ratio_to_pcie": row["gbps"] / min(pcie["h2d"], pcie["d2h"])})
     return out
 
 
@@ -326,10 +288,10 @@ def run(*, durations_us: list[float], trials: int, overhead_iters: int, staged_s
               f"{o['ours_us']:.1f}  ours/torch+sync {o['ours_over_torch_sync']:.2f}  "
               f"ours/torch launch {o['ours_over_torch_launch']:.2f} (median of per-round ratios); "
               f"our process group's bare launch {o['lane_launch_us']:.1f}", flush=True)
-    staged = [{**row, "ring": "64 MiB"} for row in staged_p2p(staged_sizes, 10, backend, None)]  # CUDA default
+    staged = [{**row, "ring": "64 MiB"} for row in staged_p2p(staged_sizes, backend)]  # the default with CUDA
     os.environ["SAGELLM_COMM_SHM_RING_BYTES"] = str(4 << 20)  # the host-copy default, for comparison
     try:
-        staged += [{**row, "ring": "4 MiB"} for row in staged_p2p(staged_sizes, 10, backend, None)]
+        staged += [{**row, "ring": "4 MiB"} for row in staged_p2p(staged_sizes, backend)]
     finally:
         os.environ.pop("SAGELLM_COMM_SHM_RING_BYTES", None)
     print("# host-staged one-way CUDA->CUDA between 2 processes on one GPU (no NCCL) vs pinned PCIe copies")

@@ -66,15 +66,24 @@ def p2p_worker(spec: dict[str, Any]) -> int:
 
     import sagellm_comm as sc
 
+    if spec.get("cuda"):
+        import torch  # before init: links dialed by a process with CUDA get rings sized for device copies
+
     async def main() -> list[dict[str, Any]]:
         url = f"tcp://127.0.0.1:{spec['port']}"
         rank = int(spec["rank"])
         rows = []
         async with sc.init_process_group(url, rank=rank, world_size=2, timeout=60.0,
                                          transport=spec.get("transport")) as comm:
-            ack = np.zeros(1, np.int32)
+            if spec.get("cuda"):  # CUDA tensors on both sides (bench gpu: host-staged transfers)
+                def full(n: int, value: int) -> Any:
+                    return torch.full((n,), value, dtype=torch.uint8, device="cuda")
+            else:
+                def full(n: int, value: int) -> Any:
+                    return np.full(n, value, np.uint8)
+            ack = full(4, 0)
             for nbytes in spec["sizes"]:
-                buf = np.full(nbytes, 7 if rank == 0 else 0, np.uint8)
+                buf = full(nbytes, 7 if rank == 0 else 0)
                 budget = float(spec["max_seconds"])
                 times: list[float] = []
                 ok = True
@@ -92,7 +101,9 @@ def p2p_worker(spec: dict[str, Any]) -> int:
                     await comm.all_reduce(flag, op="max")
                     if flag[0]:
                         break
-                rows.append({"bytes": nbytes, "ok": ok, "iters": len(times), "times": times[1:] or times})
+                how = comm.stats.last("send" if rank == 0 else "recv")
+                rows.append({"bytes": nbytes, "ok": ok, "iters": len(times), "times": times[1:] or times,
+                             "how": how.algorithm if how else "?"})
         return rows
 
     rows = anyio.run(main, backend=spec.get("backend", "asyncio"))
@@ -100,18 +111,18 @@ def p2p_worker(spec: dict[str, Any]) -> int:
     return 0
 
 
-def measure_p2p(transport: str, sizes: list[int], iters: int, max_seconds: float,
-                backend: str) -> list[dict[str, Any]]:
+def measure_p2p(transport: str | None, sizes: list[int], iters: int, max_seconds: float,
+                backend: str, cuda: bool = False) -> list[dict[str, Any]]:
     port = free_port()
     specs = [{"rank": r, "world": 2, "port": port, "sizes": sizes, "iters": iters, "max_seconds": max_seconds,
-              "transport": transport, "backend": backend} for r in range(2)]
+              "transport": transport, "backend": backend, "cuda": cuda} for r in range(2)]
     runs = launch("p2p", specs, timeout=120.0 + len(sizes) * (4 * max_seconds + 30.0))
     out = []
     for row in runs[0].result["rows"] if runs[0].result else []:
         t = statistics.median(row["times"])
         ok = all(r.result and any(x["bytes"] == row["bytes"] and x["ok"] for x in r.result["rows"]) for r in runs)
         out.append({"bytes": row["bytes"], "time_us": t * 1e6, "gbps": row["bytes"] / t / 1e9,
-                    "iters": row["iters"], "ok": ok})
+                    "iters": row["iters"], "ok": ok, "how": row.get("how", "?")})
     return out
 
 

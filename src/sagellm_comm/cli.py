@@ -122,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                       help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
     w = sub.add_parser("_worker")
-    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo", "gpu-overhead", "gpu-staged",
-                                    "overlap", "nccl"])
+    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo", "gpu-overhead", "overlap", "nccl"])
     w.add_argument("spec", help="JSON")
     return parser
 
@@ -194,10 +193,10 @@ def _worker(kind: str, spec_json: str) -> int:
         from .bench_transports import p2p_worker
 
         return p2p_worker(spec)
-    if kind in ("gpu-overhead", "gpu-staged"):
+    if kind == "gpu-overhead":
         from . import bench_gpu
 
-        return bench_gpu.overhead_worker(spec) if kind == "gpu-overhead" else bench_gpu.staged_worker(spec)
+        return bench_gpu.overhead_worker(spec)
     if kind == "overlap":
         from .bench_overlap import overlap_worker
 

@@ -161,11 +161,26 @@ def _info(world: int = 0, transport: str | None = None) -> int:
         mode = f"invalid ({e})"
     print(f"setting       {mode} (SAGELLM_COMM_TRANSPORT; auto = shm to peers on this host, tcp to others)")
     print(f"cpu count     {os.cpu_count()}")
+    print(f"cuda          {_cuda_status()}")
     if world:
         from .demo import show_links
 
         return show_links(world, transport)
     return 0
+
+
+def _cuda_status() -> str:
+    """GPUs torch sees and whether NCCL lanes are possible (imports torch only if installed)."""
+    if find_spec("torch") is None:
+        return "no (torch is not installed)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no GPU visible to torch {torch.__version__}"
+    n = torch.cuda.device_count()
+    nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
+    return (f"{n} x {torch.cuda.get_device_name(0)}; nccl {'yes' if nccl else 'no'} "
+            f"(SAGELLM_COMM_BACKEND={os.environ.get('SAGELLM_COMM_BACKEND', 'auto')})")
 
 
 def _ucx_status() -> str:

@@ -96,6 +96,27 @@ async def main(scenario: str, rank: int, world: int, port: int) -> None:
             algos = sorted({rec.algorithm for rec in comm.stats.records if rec.op in ("send", "recv")})
             report(rank=rank, ok=not bad, bad=bad[:20], n=len(checks), path=comm.device_path, p2p=algos,
                    transport=comm.transport)
+        elif scenario == "cancel_recv":
+            # a CUDA receive over shm withdrawn while its message streams in by DMA: the message is
+            # kept whole for the next receive, which may be a host array
+            n = 1 << 28  # 1 GiB of int32
+            if rank == 0:
+                src = torch.arange(n, device="cuda", dtype=torch.int32)
+                await comm.send(src, 1, tag=1)
+                await comm.send(src[:1024], 1, tag=2)
+                report(rank=rank, ok=True)
+            else:
+                dst = torch.zeros(n, device="cuda", dtype=torch.int32)
+                with anyio.move_on_after(0.004) as scope:
+                    await comm.recv(dst, 0, tag=1)
+                cancelled = scope.cancelled_caught
+                partial = int((dst != 0).sum().item())
+                again = torch.zeros(n, device="cuda", dtype=torch.int32)
+                await comm.recv(again, 0, tag=1)
+                whole = bool(torch.equal(again, torch.arange(n, device="cuda", dtype=torch.int32)))
+                small = await comm.recv(np.zeros(1024, np.int32), 0, tag=2)
+                report(rank=rank, ok=cancelled and whole and bool((small == np.arange(1024)).all()),
+                       cancelled=cancelled, whole=whole, partial=partial, transport=comm.transport)
         elif scenario == "kill":
             x = torch.ones(1 << 20, device="cuda")
             await comm.all_reduce(x)  # the lane is up on both ranks

@@ -169,3 +169,12 @@ def test_a_rank_lost_inside_nccl_is_peer_lost_on_the_survivor() -> None:
     res = run_ranks("kill", 2, "asyncio", 120, {}, report=[0])  # rank 1 leaves without a word
     r0 = res[0]
     assert r0.get("error") == "PeerLost" and r0["seconds"] < 10, r0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_cuda_receive_withdrawn_mid_transfer_keeps_the_message_whole(backend: str) -> None:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    res = run_ranks("cancel_recv", 2, backend, 180, {"CUDA_VISIBLE_DEVICES": gpu})
+    r1 = res[1]
+    assert r1["transport"] == "shm", r1
+    assert r1["ok"], r1  # cancelled, then the next receive got every byte, in order

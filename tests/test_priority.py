@@ -38,6 +38,15 @@ async def _until(cond: Callable[[], bool]) -> None:
 
 # -- the lock on its own -------------------------------------------------------------------------
 
+async def take(lock: PrioritySendLock, order: list[str], name: str, priority: int,
+               scope: anyio.CancelScope | None = None) -> None:
+    """Wait for the lock at `priority`, note the turn in `order`, release; within `scope` if given."""
+    with scope or anyio.CancelScope():
+        await lock.acquire(priority)
+        order.append(name)
+        lock.release()
+
+
 async def test_uncontended_acquire_is_immediate() -> None:
     lock = PrioritySendLock()
     assert lock.try_acquire()
@@ -55,16 +64,11 @@ async def test_waiters_granted_by_priority_then_arrival() -> None:
     lock = PrioritySendLock()
     order: list[str] = []
 
-    async def waiter(name: str, priority: int) -> None:
-        await lock.acquire(priority)
-        order.append(name)
-        lock.release()
-
     with anyio.fail_after(5):
         assert lock.try_acquire()
         async with anyio.create_task_group() as tg:
             for n, (name, prio) in enumerate([("low", LOW), ("normal1", NORMAL), ("high", HIGH), ("normal2", NORMAL)]):
-                tg.start_soon(waiter, name, prio)
+                tg.start_soon(take, lock, order, name, prio)
                 await _until(lambda n=n: lock.waiting() == n + 1)  # type: ignore[misc]
             assert order == []
             lock.release()
@@ -76,18 +80,12 @@ async def test_cancelled_waiter_is_skipped_and_does_not_strand_the_lock() -> Non
     lock = PrioritySendLock()
     order: list[str] = []
 
-    async def waiter(name: str, priority: int, scope: anyio.CancelScope) -> None:
-        with scope:
-            await lock.acquire(priority)
-            order.append(name)
-            lock.release()
-
     with anyio.fail_after(5):
         assert lock.try_acquire()
         scopes = {name: anyio.CancelScope() for name in ("high", "normal", "low")}
         async with anyio.create_task_group() as tg:
             for n, (name, prio) in enumerate([("high", HIGH), ("normal", NORMAL), ("low", LOW)]):
-                tg.start_soon(waiter, name, prio, scopes[name])
+                tg.start_soon(take, lock, order, name, prio, scopes[name])
                 await _until(lambda n=n: lock.waiting() == n + 1)  # type: ignore[misc]
             scopes["high"].cancel()
             await _until(lambda: lock.waiting() == 2)  # it left the queue
@@ -105,18 +103,12 @@ async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
     order: list[str] = []
     scope = anyio.CancelScope()
 
-    async def waiter(name: str, priority: int, scope: anyio.CancelScope) -> None:
-        with scope:
-            await lock.acquire(priority)
-            order.append(name)
-            lock.release()
-
     with anyio.fail_after(5):
         assert lock.try_acquire()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter, "high", HIGH, scope)
+            tg.start_soon(take, lock, order, "high", HIGH, scope)
             await _until(lambda: lock.waiting() == 1)
-            tg.start_soon(waiter, "normal", NORMAL, anyio.CancelScope())
+            tg.start_soon(take, lock, order, "normal", NORMAL)
             await _until(lambda: lock.waiting() == 2)
             lock.release()
             scope.cancel()
@@ -130,16 +122,11 @@ async def test_asyncio_task_cancelled_after_wakeup_passes_the_lock_on(anyio_back
     lock = PrioritySendLock()
     order: list[str] = []
 
-    async def waiter(name: str, priority: int) -> None:
-        await lock.acquire(priority)
-        order.append(name)
-        lock.release()
-
     with anyio.fail_after(5):
         assert lock.try_acquire()
-        high = asyncio.ensure_future(waiter("high", HIGH))
+        high = asyncio.ensure_future(take(lock, order, "high", HIGH))
         await _until(lambda: lock.waiting() == 1)
-        normal = asyncio.ensure_future(waiter("normal", NORMAL))
+        normal = asyncio.ensure_future(take(lock, order, "normal", NORMAL))
         await _until(lambda: lock.waiting() == 2)
         lock.release()  # `high` now owns the lock...
         high.cancel()  # ...and is cancelled before it runs

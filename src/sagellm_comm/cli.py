@@ -9,6 +9,7 @@ interpreter (`python -m sagellm_comm.cli _worker KIND SPEC_JSON`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                       help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
     w = sub.add_parser("_worker")
-    w.add_argument("kind", choices=["demo", "links", "p2p", "ours", "gloo", "gpu-overhead", "overlap", "nccl"])
+    w.add_argument("kind", choices=sorted(WORKERS))
     w.add_argument("spec", help="JSON")
     return parser
 
@@ -194,37 +195,23 @@ def _ucx_status() -> str:
     return "yes (asked for with transport='ucx')" if ok else f"no: {why}"
 
 
+WORKERS = {  # `_worker KIND`: the module (of this package) and function that run one rank
+    "demo": ("demo", "worker"),
+    "links": ("demo", "links_worker"),
+    "p2p": ("bench_transports", "p2p_worker"),
+    "ours": ("bench_allreduce", "ours_worker"),
+    "gloo": ("bench_allreduce", "gloo_worker"),
+    "gpu-overhead": ("bench_gpu", "overhead_worker"),
+    "overlap": ("bench_overlap", "overlap_worker"),
+    "nccl": ("bench_nccl", "nccl_worker"),
+}
+
+
 def _worker(kind: str, spec_json: str) -> int:
-    spec: dict[str, Any] = json.loads(spec_json)
-    if kind == "demo":
-        from .demo import worker
-
-        return worker(spec)
-    if kind == "links":
-        from .demo import links_worker
-
-        return links_worker(spec)
-    if kind == "p2p":
-        from .bench_transports import p2p_worker
-
-        return p2p_worker(spec)
-    if kind == "gpu-overhead":
-        from . import bench_gpu
-
-        return bench_gpu.overhead_worker(spec)
-    if kind == "overlap":
-        from .bench_overlap import overlap_worker
-
-        return overlap_worker(spec)
-    if kind == "nccl":
-        from .bench_nccl import nccl_worker
-
-        return nccl_worker(spec)
-    from . import bench_allreduce
-
-    if kind == "ours":
-        return bench_allreduce.ours_worker(spec)
-    return bench_allreduce.gloo_worker(spec)
+    """Run one rank of a demo or benchmark; imported lazily, so a rank loads only what it runs."""
+    module, func = WORKERS[kind]
+    run: Any = getattr(importlib.import_module(f".{module}", __package__), func)
+    return int(run(json.loads(spec_json)))
 
 
 def _bench_transports(args: Any, argv: list[str] | None) -> int:

@@ -141,13 +141,9 @@ class Communicator:
         if is_cuda(tensor):
             dt = DeviceTensor(tensor)
             res = _device_output(out, dt, (self.world_size, *dt.shape))
-
-            async def host_gather(h: list[Any], o: list[Any]) -> None:
-                await self.all_gather(h[0], out=o[0], timeout=timeout, priority=priority)
-
-            await self._on_device("all_gather", dt, lambda lane: lane.all_gather(res, tensor), host_gather,
-                                  [tensor], [res], level, timeout)
-            return res  # type: ignore[no-any-return]
+            return await self._device_out_of_place(  # type: ignore[no-any-return]
+                "all_gather", dt, res, lambda lane: lane.all_gather(res, tensor),
+                lambda h, o: self.all_gather(h, out=o, timeout=timeout, priority=priority), level, timeout)
         buf = as_buffer(tensor, writable=False)
         result = _output(out, buf, (self.world_size, *buf.shape))
         result.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
@@ -172,13 +168,10 @@ class Communicator:
             check_op(op, dt.dtype)
             _check_split("reduce_scatter", dt.shape, n)
             res = _device_output(out, dt, (dt.shape[0] // n, *dt.shape[1:]))
-
-            async def host_rs(h: list[Any], o: list[Any]) -> None:
-                await self.reduce_scatter(h[0], op, out=o[0], timeout=timeout, priority=priority)
-
-            await self._on_device("reduce_scatter", dt, lambda lane: lane.reduce_scatter(res, tensor, op), host_rs,
-                                  [tensor], [res], level, timeout, op=op)
-            return res  # type: ignore[no-any-return]
+            return await self._device_out_of_place(  # type: ignore[no-any-return]
+                "reduce_scatter", dt, res, lambda lane: lane.reduce_scatter(res, tensor, op),
+                lambda h, o: self.reduce_scatter(h, op, out=o, timeout=timeout, priority=priority), level, timeout,
+                op=op)
         buf = as_buffer(tensor, writable=False)
         check_op(op, buf.dtype)
         _check_split("reduce_scatter", buf.shape, n)
@@ -231,13 +224,9 @@ class Communicator:
             dt = DeviceTensor(tensor)
             _check_split("all_to_all", dt.shape, n)
             res = _device_output(out, dt, dt.shape)
-
-            async def host_a2a(h: list[Any], o: list[Any]) -> None:
-                await self.all_to_all(h[0], out=o[0], timeout=timeout, priority=priority)
-
-            await self._on_device("all_to_all", dt, lambda lane: lane.all_to_all(res, tensor), host_a2a,
-                                  [tensor], [res], level, timeout)
-            return res  # type: ignore[no-any-return]
+            return await self._device_out_of_place(  # type: ignore[no-any-return]
+                "all_to_all", dt, res, lambda lane: lane.all_to_all(res, tensor),
+                lambda h, o: self.all_to_all(h, out=o, timeout=timeout, priority=priority), level, timeout)
         buf = as_buffer(tensor, writable=False)
         _check_split("all_to_all", buf.shape, n)
         result = _output(out, buf, buf.shape)
@@ -527,6 +516,16 @@ class Communicator:
             await device.wait_stream()
             return
         await ops.staged(inputs, outputs, priority, host_op)
+
+    async def _device_out_of_place(self, kind: str, dt: DeviceTensor, res: Any, issue: Callable[[Any], Any],
+                                   host: Callable[[Any, Any], Awaitable[Any]], priority: int,
+                                   timeout: float | None, *, op: str = "") -> Any:
+        """An op writing a new CUDA tensor `res`; `host(input, out=)` is the same op on staged copies."""
+        async def staged(h: list[Any], o: list[Any]) -> None:
+            await host(h[0], o[0])
+
+        await self._on_device(kind, dt, issue, staged, [dt.obj], [res], priority, timeout, op=op)
+        return res
 
     async def _p2p_on_device(self, kind: str, dt: DeviceTensor, peer: int, tag: int, timeout: float | None,
                              priority: int, host_op: Callable[[list[Any], list[Any]], Awaitable[Any]]) -> None:

@@ -155,6 +155,16 @@ def test_two_ranks_on_one_gpu_are_staged_through_the_host(backend: str) -> None:
             assert "device copy into shm" in r["p2p"] and "device copy from shm" in r["p2p"], r
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_over_tcp_cuda_p2p_goes_through_pinned_bounce_buffers(backend: str) -> None:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    res = run_ranks("ops", 2, backend, 240, {"CUDA_VISIBLE_DEVICES": gpu, "SAGELLM_COMM_TRANSPORT": "tcp"})
+    for r in res:
+        assert r.get("ok"), r
+        assert r["transport"] == "tcp" and "staged through pinned buffers" in r["p2p"], r
+        assert not any(a.startswith("device copy") for a in r["p2p"]), r  # no shm here
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for an NCCL group")
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_two_gpus_use_nccl_for_every_op(backend: str) -> None:

@@ -255,8 +255,7 @@ class Communicator:
         self._check_p2p(dst, tag, "dst", "send")
         if is_cuda(tensor):
             dt = DeviceTensor(tensor)
-            await self._p2p_on_device("send", dt, dst, tag, timeout, level,
-                                      lambda h, o: self.send(h[0], dst, tag, timeout=timeout, priority=priority))
+            await self._p2p_on_device("send", dt, dst, tag, timeout, level)
             return
         buf = as_buffer(tensor, writable=False)
         await self._send_bytes(buf.raw, Fingerprint(-1, "p2p", buf.dtype.name, buf.shape), dst, tag, timeout, level)
@@ -285,8 +284,7 @@ class Communicator:
         self._check_p2p(src, tag, "src", "recv")
         if is_cuda(tensor):
             dt = DeviceTensor(tensor)
-            await self._p2p_on_device("recv", dt, src, tag, timeout, level,
-                                      lambda h, o: self.recv(o[0], src, tag, timeout=timeout, priority=priority))
+            await self._p2p_on_device("recv", dt, src, tag, timeout, level)
             return tensor
         buf = as_buffer(tensor)
         await self._recv_bytes(buf.raw, Fingerprint(-1, "p2p", buf.dtype.name, buf.shape), src, tag, timeout)
@@ -528,29 +526,28 @@ class Communicator:
         return res
 
     async def _p2p_on_device(self, kind: str, dt: DeviceTensor, peer: int, tag: int, timeout: float | None,
-                             priority: int, host_op: Callable[[list[Any], list[Any]], Awaitable[Any]]) -> None:
+                             priority: int) -> None:
         """A CUDA send or receive: on the NCCL lane if a collective opened it already (p2p
-        never opens it: that takes every rank), else by DMA through a shared-memory link,
-        else staged through pinned host memory. The bytes on the wire are the same on
-        the last two paths, so the other side may use either, or a host tensor."""
+        never opens it: that takes every rank); else through the link as device bytes,
+        which shared memory copies by DMA and other transports stage through pinned
+        buffers piece by piece. The bytes on the wire are those of a host tensor, so
+        the other side may pass one."""
         ops = self._device_ops()
         lane = ops.open_lanes.get(priority)
         if lane is None:
-            conn = self._engine.peers[self._group.members[peer]].conn
-            if conn.device_payloads:
-                torch = sys.modules["torch"]
-                stream = ops.stream(dt.obj.device, priority)
-                stream.wait_stream(torch.cuda.current_stream(dt.obj.device))  # after the caller's queued work
-                raw = DeviceBytes.of(dt.obj, stream)
-                fp = Fingerprint(-1, "p2p", dt.dtype.name, dt.shape)
-                if kind == "send":
-                    await self._send_bytes(raw, fp, peer, tag, timeout, priority, algo="device copy into shm")
-                else:
-                    await self._recv_bytes(raw, fp, peer, tag, timeout, algo="device copy from shm")
-            elif kind == "send":
-                await ops.staged([dt.obj], [], priority, host_op)
+            torch = sys.modules["torch"]
+            stream = ops.stream(dt.obj.device, priority)
+            stream.wait_stream(torch.cuda.current_stream(dt.obj.device))  # after the caller's queued work
+            raw = DeviceBytes.of(dt.obj, stream)
+            fp = Fingerprint(-1, "p2p", dt.dtype.name, dt.shape)
+            dma = self._engine.peers[self._group.members[peer]].conn.device_payloads
+            if kind == "send":
+                await self._send_bytes(raw, fp, peer, tag, timeout, priority,
+                                       algo="device copy into shm" if dma else "staged through pinned buffers")
             else:
-                await ops.staged([], [dt.obj], priority, host_op)
+                await self._recv_bytes(raw, fp, peer, tag, timeout,
+                                       algo="device copy from shm" if dma else "staged through pinned buffers")
+                await device.wait_stream(stream)  # the last pieces' copies to the device
             return
         rec = self._record(kind, dt.nbytes, "nccl", "nccl lane: point to point")
         try:

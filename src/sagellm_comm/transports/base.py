@@ -23,6 +23,7 @@ import anyio.lowlevel
 
 from ..buffers import DeviceBytes
 from ..errors import PeerLost
+from .bounce import Bounce, device_to_host_pieces, host_to_device_piece
 
 Bytes = bytes | bytearray | memoryview
 
@@ -96,7 +97,7 @@ class Connection(ABC):
     """A reliable, ordered byte stream to one peer, written in whole frames."""
 
     transport: str = "?"
-    device_payloads = False  # moves `DeviceBytes` itself (CUDA memory); others are given host bytes
+    device_payloads = False  # copies `DeviceBytes` itself (shm, by DMA); the others go through `bounce.py`
     greedy_reads = True  # fill the read-ahead buffer as far as one read gives (saves syscalls)
 
     def __init__(self) -> None:
@@ -110,6 +111,8 @@ class Connection(ABC):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_send = time.monotonic()  # liveness clock: real time, cheap to read
+        self._bounce_out: Bounce | None = None  # pinned buffers for DeviceBytes, made on first use
+        self._bounce_in: Bounce | None = None
         self.last_receive = self.last_send
 
     # -- what a transport implements -------------------------------------------------
@@ -177,14 +180,27 @@ class Connection(ABC):
         if not lock.try_acquire():  # fast path (no await): nobody else is writing
             await lock.acquire(priority)
         try:
-            rest = self._send_now(parts)
-            if rest:
+            if len(parts) > 1 and isinstance(parts[1], DeviceBytes) and not self.device_payloads:
                 with anyio.CancelScope(shield=True):
-                    await self._send_parts(rest)
+                    await self._write(parts[:1])
+                    if self._bounce_out is None:
+                        self._bounce_out = Bounce()
+                    async for piece in device_to_host_pieces(parts[1], self._bounce_out):
+                        await self._write([piece])
+            else:
+                rest = self._send_now(parts)
+                if rest:
+                    with anyio.CancelScope(shield=True):
+                        await self._send_parts(rest)
         finally:
             lock.release()
         self.bytes_sent += nbytes
         self.last_send = time.monotonic()
+
+    async def _write(self, parts: list[memoryview]) -> None:
+        rest = self._send_now(parts)
+        if rest:
+            await self._send_parts(rest)
 
     @property
     def sending(self) -> bool:
@@ -214,8 +230,17 @@ class Connection(ABC):
         self._rstart += n
         return out
 
-    async def recv_some_into(self, view: memoryview) -> int:
-        """Read 1..len(view) bytes into `view`, from the read-ahead buffer first."""
+    async def recv_some_into(self, view: Any) -> int:
+        """Read 1..len(view) bytes into `view`, from the read-ahead buffer first.
+
+        `view` may be `DeviceBytes`: a transport with `device_payloads` copies into it
+        itself; for the others the bytes go through a pinned bounce buffer, and the
+        copy to the device is still running on `view.stream` when this returns.
+        """
+        if isinstance(view, DeviceBytes) and not self.device_payloads:
+            if self._bounce_in is None:
+                self._bounce_in = Bounce()
+            return await host_to_device_piece(view, self._bounce_in, self.recv_some_into)
         avail = self._buffered()
         if avail:
             n = min(avail, len(view))

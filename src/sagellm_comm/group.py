@@ -114,9 +114,15 @@ class Communicator:
         if is_cuda(tensor):
             dt = DeviceTensor(tensor)
             check_op(op, dt.dtype)
-            await self._on_device("all_reduce", dt, lambda lane: lane.all_reduce(tensor, op),
-                                  lambda h, o: self.all_reduce(h[0], op, timeout=timeout, priority=priority),
-                                  [tensor], [tensor], level, timeout, op=op)
+            ops = self._device
+            lane = ops.open_lanes.get(level) if ops is not None and op in NCCL_OPS else None
+            if lane is not None:  # a decode loop's case, once the lane is open: straight to it
+                await self._lane_collective("all_reduce", dt, lane, lambda ln: ln.all_reduce(tensor, op),
+                                            timeout, -1, op)
+            else:
+                await self._on_device("all_reduce", dt, lambda ln: ln.all_reduce(tensor, op),
+                                      lambda h, o: self.all_reduce(h[0], op, timeout=timeout, priority=priority),
+                                      [tensor], [tensor], level, timeout, op=op)
             return tensor
         buf = as_buffer(tensor)
         check_op(op, buf.dtype)
@@ -475,7 +481,9 @@ class Communicator:
         assert ops is not None
         try:
             work = issue(lane)
-            if limit is None:
+            if lane.backend == "nccl" and work.is_completed():
+                pass  # done before we could wait (one rank, tiny ops): no trip through the wait
+            elif limit is None:
                 await ops.await_work(lane, work, kind)
             else:
                 with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):

@@ -314,10 +314,10 @@ class ShmConnection(Connection):
         if self._peer_gone:
             raise PeerLost(f"{self._name} has gone (its process closed the connection)")
 
-    def _segment_tensor(self) -> Any:
+    def _pinned_segment(self) -> PinnedSegment:
         if self._pinned is None:
             self._pinned = PinnedSegment(self._segment)
-        return self._pinned.tensor
+        return self._pinned
 
     async def _dma(self, dev: DeviceBytes, outgoing: bool) -> int:
         """Copy between device bytes and a ring with the GPU's copy engines, pipelined.
@@ -328,7 +328,8 @@ class ShmConnection(Connection):
         side works on it while later chunks are copied. Incoming, it returns early with
         what it has when the writer has gone and the ring is empty.
         """
-        seg = self._segment_tensor()
+        pinned = self._pinned_segment()
+        seg = pinned.tensor
         torch = sys.modules["torch"]
         ring = self._out if outgoing else self._in
         ctrl = ring.ctrl
@@ -356,11 +357,13 @@ class ShmConnection(Connection):
                         part.copy_(host, non_blocking=True)
                     event.record(dev.stream)
                 pending.append((event, index + n))
+                pinned.in_flight.add(event)
                 issued += n
             if pending:
                 event, index = pending[0]
                 await device.wait_event(event, key="shm device copy")
                 pending.popleft()
+                pinned.in_flight.discard(event)
                 ctrl[mine] = index
                 if outgoing and ctrl[READER_PARKED]:
                     self._ring(self._bell)
@@ -432,6 +435,7 @@ class PinnedSegment:
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
             raise InvalidArgument("device bytes over shm need torch with CUDA")
+        self.in_flight: set[Any] = set()  # events of our copies not yet awaited (an abort may cut a wait)
         anchor = ctypes.c_char.from_buffer(segment)
         self.addr = ctypes.addressof(anchor)
         del anchor  # the address stays valid while the mapping lives; the export must not
@@ -442,7 +446,8 @@ class PinnedSegment:
 
     def release(self) -> None:
         torch = sys.modules["torch"]
-        torch.cuda.synchronize()  # no copy of ours may still touch the segment
+        for event in self.in_flight:  # no copy of ours may still touch the segment (others' work may run on)
+            event.synchronize()
         del self.tensor
         torch.cuda.cudart().cudaHostUnregister(self.addr)
 

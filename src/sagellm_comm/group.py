@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import numpy as np
@@ -434,20 +434,20 @@ class Communicator:
         try:
             self._check_early_frames(fp)
             if g.size > 1:
-                with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
+                with _Deadline(limit, lambda: self._describe(fp)):
                     await body(ctx)
         except BaseException as e:
-            err = self._failed(e, fp, rec)
-            if err is e:
-                raise
-            raise err from e
+            self._raise_failed(e, fp, rec)
         finally:
             ctx.finish()
             g.end(fp)
         self._done(rec, None)
 
-    def _failed(self, e: BaseException, fp: Fingerprint, rec: OpRecord) -> BaseException:
-        """Break the group for collective `fp` that raised `e`; what to raise instead of `e`."""
+    def _describe(self, fp: Fingerprint) -> str:
+        return f"{fp.describe()} on rank {self.rank} of group {self.group_id!r}"
+
+    def _raise_failed(self, e: BaseException, fp: Fingerprint, rec: OpRecord) -> NoReturn:
+        """Break the group for collective `fp` that raised `e`, and raise what the caller should see."""
         g = self._group
         if isinstance(e, CommTimeout):
             self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"it timed out ({e})"), notify=True)
@@ -457,7 +457,7 @@ class Communicator:
                 # the group broke first (a peer's Abort, a mismatch seen by the reader);
                 # what we hit after that (a send to a rank that has left) is a symptom
                 self._done(rec, first)
-                return restate(first, str(first))
+                raise restate(first, str(first)) from e
             cause = ("mismatch" if isinstance(e, CollectiveMismatch)
                      else "peer_lost" if isinstance(e, PeerLost) else "aborted")
             lost = e.peer if isinstance(e, PeerLost) and e.peer is not None else -1
@@ -466,7 +466,7 @@ class Communicator:
             self._engine.fail_group(g, aborted(g.group_id, fp, g.rank, f"cancelled ({type(e).__name__})"),
                                     notify=True)
         self._done(rec, e)
-        return e
+        raise e
 
     async def _lane_collective(self, kind: str, dt: DeviceTensor, lane: TorchLane, issue: Callable[[Any], Any],
                                timeout: float | None, root: int, op: str) -> None:
@@ -486,13 +486,10 @@ class Communicator:
             elif limit is None:
                 await ops.await_work(lane, work, kind)
             else:
-                with _Deadline(limit, lambda: f"{fp.describe()} on rank {g.rank} of group {g.group_id!r}"):
+                with _Deadline(limit, lambda: self._describe(fp)):
                     await ops.await_work(lane, work, kind)
         except BaseException as e:
-            err = self._failed(e, fp, rec)
-            if err is e:
-                raise
-            raise err from e
+            self._raise_failed(e, fp, rec)
         finally:
             g.end(fp)
         self._done(rec, None)

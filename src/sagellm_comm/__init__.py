@@ -4,6 +4,8 @@
         await comm.all_reduce(x)
 """
 
+from typing import Any
+
 from . import testing
 from .errors import (
     AuthError,
@@ -13,6 +15,8 @@ from .errors import (
     CommError,
     CommTimeout,
     InvalidArgument,
+    KVChecksumError,
+    KVMismatch,
     MessageMismatch,
     PeerLost,
     ProtocolError,
@@ -25,6 +29,15 @@ from .scheduler import device
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    if name == "kv":  # imported on first use: KV transfer needs torch, the rest does not
+        import importlib
+
+        return importlib.import_module(".kv", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AuthError",
     "CollectiveAborted",
@@ -34,6 +47,8 @@ __all__ = [
     "CommTimeout",
     "Communicator",
     "InvalidArgument",
+    "KVChecksumError",
+    "KVMismatch",
     "MessageMismatch",
     "PeerLost",
     "ProtocolError",
@@ -41,5 +56,6 @@ __all__ = [
     "UnsupportedBuffer",
     "device",
     "init_process_group",
+    "kv",
     "testing",
 ]

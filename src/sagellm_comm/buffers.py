@@ -10,9 +10,10 @@ pool, which hands out reused blocks so that large receives never land in fresh
 
 from __future__ import annotations
 
+import bisect
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -298,6 +299,66 @@ class DeviceBytes:
 def as_host_bytes(view: Any) -> Any:
     """`view` itself, or its bytes copied to the host if it is device memory."""
     return view.to_host() if isinstance(view, DeviceBytes) else view
+
+
+class Pieces:
+    """One message made of several host memory ranges, sent or received without gathering them.
+
+    KV blocks of a layer sit wherever the cache allocator put them; a message
+    listing them piece by piece goes straight from the sender's cache to the
+    receiver's, with no copy into a contiguous buffer on either side. Frames never
+    cross a piece boundary (`window`), so transports see ordinary memoryviews.
+    """
+
+    __slots__ = ("_ends", "_views", "nbytes")
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self._views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views if len(v)]
+        self._ends: list[int] = []
+        total = 0
+        for v in self._views:
+            total += len(v)
+            self._ends.append(total)
+        self.nbytes = total
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def _locate(self, offset: int) -> int:
+        return bisect.bisect_right(self._ends, offset)
+
+    def window(self, start: int, end: int) -> memoryview:
+        """The longest contiguous view from `start` towards `end` (stops at a piece boundary)."""
+        i = self._locate(start)
+        base = self._ends[i] - len(self._views[i])
+        return self._views[i][start - base : min(end, self._ends[i]) - base]
+
+    def __getitem__(self, s: slice) -> Any:
+        """A contiguous view where `s` lies in one piece, else a copy of the bytes."""
+        start, stop, _ = s.indices(self.nbytes)
+        if stop <= start:
+            return memoryview(b"")
+        first = self.window(start, stop)
+        if len(first) == stop - start:
+            return first
+        out = bytearray(stop - start)
+        at = 0
+        while at < len(out):
+            w = self.window(start + at, stop)
+            out[at : at + len(w)] = w
+            at += len(w)
+        return memoryview(out)
+
+    def __setitem__(self, s: slice, src: Any) -> None:
+        start, stop, _ = s.indices(self.nbytes)
+        data = memoryview(src).cast("B")
+        if len(data) != stop - start:
+            raise ValueError(f"cannot write {len(data)} bytes into {stop - start}")
+        at = 0
+        while at < len(data):
+            w = self.window(start + at, stop)
+            w[:] = data[at : at + len(w)]
+            at += len(w)
 
 
 class ScratchPool:

@@ -36,7 +36,7 @@ def _add_demo(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl}")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl,kv}")
     a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
                         help="all_reduce bandwidth and latency",
                         description="all_reduce (float32, sum) between WORLD local processes: "
@@ -106,6 +106,39 @@ def _add_bench(sub: Any) -> None:
     n.add_argument("--iters", type=int, default=500, help="iterations per size, at most")
     n.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     n.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    _add_bench_kv(bsub)
+
+
+def _add_bench_kv(bsub: Any) -> None:
+    k = bsub.add_parser("kv", help="KV-cache transfer prefill -> decode between 2 processes, vs the raw transport",
+                        description="Rank 0 sends a request's paged KV blocks through a KVChannel, rank 1 "
+                                    "receives them into its own blocks: receiver GB/s and time to the first "
+                                    "layer per request size and codec, against the same bytes over the bare "
+                                    "transport (one message per layer) in the same processes.")
+    k.add_argument("--tokens", default="1024,4096,16384", help="request sizes in tokens (default 1024,4096,16384)")
+    k.add_argument("--layers", type=int, default=32, help="layers (default 32)")
+    k.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
+    k.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    k.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
+    k.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    k.add_argument("--ids", choices=["contiguous", "shuffled"], default="contiguous",
+                   help="block ids: sender 0..n-1 and an offset range on the receiver (default), or random "
+                        "subsets in random order on both")
+    k.add_argument("--codec", action="append", default=None, metavar="none|fp8|int8",
+                   help="repeatable or comma-separated (default none)")
+    k.add_argument("--transport", action="append", default=None, metavar="tcp|shm|ucx",
+                   help="repeatable or comma-separated (default: every one available here)")
+    k.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    k.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both caches live (cuda: GPU 0 for both ranks)")
+    k.add_argument("--iters", type=int, default=5, help="timed transfers per size and codec (default 5)")
+    k.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-block checksums on the channel (default on)")
+    k.add_argument("--window", type=int, default=None, help="chunks in flight (default: the channel's)")
+    k.add_argument("--chunk-bytes", default=None, help="bytes per chunk, e.g. 8M (default: the channel's)")
+    k.add_argument("--timeout", type=float, default=0.0,
+                   help="seconds per transport before the workers are killed (default: from the bytes moved)")
+    k.add_argument("--json", metavar="FILE", help="write every row, the settings and the machine info here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +237,7 @@ WORKERS = {  # `_worker KIND`: the module (of this package) and function that ru
     "gpu-overhead": ("bench_gpu", "overhead_worker"),
     "overlap": ("bench_overlap", "overlap_worker"),
     "nccl": ("bench_nccl", "nccl_worker"),
+    "kv": ("bench_kv", "kv_worker"),
 }
 
 
@@ -268,6 +302,59 @@ def _bench_device(args: Any, argv: list[str] | None) -> int:
         return 1
 
 
+def _split(values: list[str] | None, allowed: tuple[str, ...], default: list[str], what: str) -> list[str]:
+    """Repeatable, comma-separated choices (`--codec fp8 --codec none,int8`), in order, without repeats."""
+    names = [v.strip() for text in values or [] for v in text.split(",") if v.strip()] or default
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def _bench_kv_settings(args: Any) -> Any:
+    """The parsed `bench kv` arguments as `bench_kv.Settings`; ValueError for a bad one."""
+    from . import bench_kv, bench_transports
+    from .bench_allreduce import parse_sizes
+
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    if not tokens or min(tokens) < 1:
+        raise ValueError(f"--tokens {args.tokens!r}: give positive token counts")
+    if args.iters < 1 or min(args.layers, args.kv_heads, args.head_dim, args.block_size) < 1:
+        raise ValueError("--iters, --layers, --kv-heads, --head-dim and --block-size must be positive")
+    if args.window is not None and args.window < 1:
+        raise ValueError("--window must be positive")
+    transports = _split(args.transport, ("tcp", "shm", "ucx"), [], "transport")
+    return bench_kv.Settings(
+        shape=bench_kv.Shape(args.layers, args.kv_heads, args.head_dim, args.block_size, args.dtype),
+        tokens=tokens, codecs=_split(args.codec, bench_kv.CODECS, ["none"], "codec"),
+        transports=transports or bench_transports.available_transports(), backend=args.backend,
+        device=args.device, iters=args.iters, ids=args.ids, checksum=args.checksum, window=args.window,
+        chunk_bytes=parse_sizes(args.chunk_bytes)[0] if args.chunk_bytes else None, timeout=args.timeout)
+
+
+def _bench_kv(args: Any, argv: list[str] | None) -> int:
+    from . import bench_kv
+    from .bench_allreduce import WorkersFailed
+
+    try:
+        settings = _bench_kv_settings(args)
+    except ValueError as e:
+        print(f"sagellm-comm bench kv: {e}", file=sys.stderr)
+        return 2
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("sagellm-comm bench kv --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
+            return 2
+    try:
+        return bench_kv.run(settings, json_path=args.json,
+                            argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)])
+    except WorkersFailed as e:
+        print(f"sagellm-comm bench kv FAILED: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sagellm-comm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -284,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.world, args.backend, args.size_kib, args.timeout, args.transport)
     if args.cmd == "bench" and args.bench == "transports":
         return _bench_transports(args, argv)
+    if args.cmd == "bench" and args.bench == "kv":
+        return _bench_kv(args, argv)
     if args.cmd == "bench" and args.bench in ("gpu", "overlap", "nccl"):
         return _bench_device(args, argv)
     if args.cmd == "bench":

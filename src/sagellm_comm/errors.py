@@ -47,6 +47,24 @@ class TransferCancelled(CommError):
     """The other side cancelled a point-to-point message before all of it was sent."""
 
 
+class KVChecksumError(CommError):
+    """KV bytes arrived that do not match the sender's checksum; names request, layer and block.
+
+    The layer is not reported complete; the transfer ends on both sides.
+    """
+
+    def __init__(self, message: str, *, request_id: object = None, layer: int | None = None,
+                 block: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.layer = layer
+        self.block = block
+
+
+class KVMismatch(CommError):
+    """The two ends of a KV transfer disagree: cache layout, number of blocks or codec."""
+
+
 class ProtocolError(CommError):
     """A peer sent bytes that are not a valid frame (bad magic, oversized, undecodable)."""
 
@@ -116,6 +134,8 @@ __all__ = [
     "CommError",
     "CommTimeout",
     "InvalidArgument",
+    "KVChecksumError",
+    "KVMismatch",
     "MessageMismatch",
     "PeerLost",
     "ProtocolError",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .. import wire
-from ..buffers import DeviceBytes, ScratchPool, as_host_bytes, bytes_view
+from ..buffers import DeviceBytes, Pieces, ScratchPool, as_host_bytes, bytes_view
 from ..errors import (
     CollectiveAborted,
     CollectiveMismatch,
@@ -40,6 +41,7 @@ from .ordering import GroupState
 log = logging.getLogger("sagellm_comm.engine")
 
 DEVICE_FRAME_BYTES = 64 * 1024 * 1024  # within every receiver's frame limit (wire.DEFAULT_MAX_FRAME_BYTES)
+DISCARDED_CHANNELS = 4096  # names of finished transfers whose late frames are dropped (oldest forgotten)
 
 # Control frames (Abort, Cancel, heartbeat, Bye) outrank every data priority (high is 1),
 # so a failure reaches peers ahead of queued bulk data instead of behind it.
@@ -109,6 +111,7 @@ class Engine:
         self._said_bye = False  # after our Bye, nothing more is written (the peer half-closed on it)
         self._controls = 0  # control frames (Abort, Cancel) queued but not yet written
         self._controls_idle = anyio.Event()
+        self._discarded: OrderedDict[str, None] = OrderedDict()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, tg: TaskGroup) -> None:
@@ -166,7 +169,7 @@ class Engine:
             raise PeerLost(str(peer.error), peer=rank)
         return peer
 
-    async def send(self, dst: int, channel: Channel, raw: memoryview | DeviceBytes, fp: Fingerprint | None, *,
+    async def send(self, dst: int, channel: Channel, raw: memoryview | DeviceBytes | Pieces, fp: Fingerprint | None, *,
                    priority: int = 0) -> None:
         """Send one message to global rank `dst`, split into frames of `frame_bytes`.
 
@@ -176,7 +179,11 @@ class Engine:
         told (`Cancel`) so it does not keep waiting for the rest.
         """
         self.raise_if_closed()
-        peer = self.peer(dst)
+        await self._send_message(self.peer(dst), channel, raw, fp, priority)
+
+    async def _send_message(self, peer: Peer, channel: Channel, raw: memoryview | DeviceBytes | Pieces,
+                            fp: Fingerprint | None, priority: int) -> None:
+        dst = peer.rank
         mid = peer.next_mid
         peer.next_mid += 1
         total = len(raw)
@@ -189,8 +196,10 @@ class Engine:
                 if offset:  # between frames of one message, a cancellation can land
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 n = min(frame, total - offset)
+                payload = raw.window(offset, offset + n) if isinstance(raw, Pieces) else raw[offset : offset + n]
+                n = len(payload)
                 head = wire.encode(Data(mid, offset, total, group, seq, tag, fp if offset == 0 else None), n)
-                await peer.conn.send_frame(head, raw[offset : offset + n], priority=priority)
+                await peer.conn.send_frame(head, payload, priority=priority)
                 offset += n
                 if offset >= total:
                     return
@@ -222,12 +231,53 @@ class Engine:
                 self._controls_idle.set()
                 self._controls_idle = anyio.Event()
 
+    def notify(self, dst: int, channel: Channel, payload: bytes) -> None:
+        """Send a small p2p message in the background, ahead of queued data.
+
+        For what must reach a peer even when the caller is being cancelled (a KV
+        transfer telling the other side it gave up); `close` flushes these first.
+        """
+        peer = self.peers.get(dst)
+        if self._tg is None or peer is None or not peer.alive or self.closed is not None:
+            return
+        self._controls += 1
+        self._tg.start_soon(self._send_notice, peer, channel, payload)
+
+    async def _send_notice(self, peer: Peer, channel: Channel, payload: bytes) -> None:
+        try:
+            if peer.alive and not self._said_bye:
+                with anyio.move_on_after(self.config.heartbeat_timeout):
+                    await self._send_message(peer, channel, memoryview(payload), None, CONTROL_PRIORITY)
+        except CommError:
+            pass  # the peer is gone or we are closing: nobody is left to tell
+        finally:
+            self._controls -= 1
+            if not self._controls:
+                self._controls_idle.set()
+                self._controls_idle = anyio.Event()
+
+    def discard_channel(self, name: str) -> None:
+        """Drop every p2p message of channel group `name`, queued or still to come.
+
+        A transfer that ended (done, failed, cancelled) may still have frames in
+        flight; without this they would sit in scratch memory forever.
+        """
+        self._discarded[name] = None
+        while len(self._discarded) > DISCARDED_CHANNELS:
+            self._discarded.popitem(last=False)
+        self.matcher.drop_unexpected(lambda m: m.channel[0] != name, incomplete=True)
+        for peer in self.peers.values():
+            for inc in peer.incoming.values():
+                if inc.channel[0] == name and isinstance(inc.target, Unexpected):
+                    inc.target = None
+
     def _spawn(self, fn: Any, *args: Any) -> None:
         if self._tg is not None:
             self._tg.start_soon(fn, *args)
 
     # -- receiving ---------------------------------------------------------------------
-    def post(self, src: int, channel: Channel, dest: memoryview | DeviceBytes, fp: Fingerprint | None) -> Recv:
+    def post(self, src: int, channel: Channel, dest: memoryview | DeviceBytes | Pieces,
+             fp: Fingerprint | None) -> Recv:
         """Post a receive for the next message from global rank `src` on `channel`."""
         recv = Recv(src, channel, dest, fp)
         if self.closed is not None:
@@ -312,6 +362,8 @@ class Engine:
         """Decide where the message starting with frame `d` goes."""
         channel = (d.group, d.seq, d.tag)
         inc = Incoming(channel, d.fp, d.total)
+        if d.group in self._discarded:
+            return inc  # a frame of a transfer that has ended: dropped
         if d.seq >= 0:
             g = self.groups.get(d.group)
             if g is not None:
@@ -417,7 +469,8 @@ class Engine:
             if t is None:
                 view = self._sink[: min(want, len(self._sink))]
             elif isinstance(t, Recv):
-                view = t.dest[inc.received : end]
+                dest = t.dest
+                view = dest.window(inc.received, end) if isinstance(dest, Pieces) else dest[inc.received : end]
             else:
                 view = bytes_view(t.block)[inc.received : end]
             n = await conn.recv_some_into(view)

@@ -49,7 +49,8 @@ class Unexpected:
 class Recv:
     """A posted receive: where the message for (src, channel) should land."""
 
-    __slots__ = ("_event", "_finished", "channel", "dest", "error", "fp", "received", "src", "state", "total")
+    __slots__ = ("_event", "_finished", "_waiters", "channel", "dest", "error", "fp", "received", "src", "state",
+                 "total")
 
     def __init__(self, src: int, channel: Channel, dest: Any, fp: Fingerprint | None):
         self.src = src
@@ -62,6 +63,7 @@ class Recv:
         self.error: BaseException | None = None
         self._finished = False
         self._event: anyio.Event | None = None  # made only if someone waits before it finishes
+        self._waiters: list[anyio.Event] | None = None  # events of callers waiting on several receives
 
     def complete(self) -> None:
         self.state = "done"
@@ -78,6 +80,18 @@ class Recv:
         self._finished = True
         if self._event is not None:
             self._event.set()
+        if self._waiters is not None:
+            for ev in self._waiters:
+                ev.set()
+
+    def notify(self, event: anyio.Event) -> None:
+        """Set `event` when this receive finishes (now, if it has): wait for the first of several."""
+        if self._finished:
+            event.set()
+        elif self._waiters is None:
+            self._waiters = [event]
+        else:
+            self._waiters.append(event)
 
     @property
     def finished(self) -> bool:
@@ -175,15 +189,20 @@ class Matcher:
             else:
                 del self.posted[key]
 
-    def drop_unexpected(self, keep: Any) -> None:
-        """Release complete unexpected messages for which `keep(msg)` is false."""
+    def drop_unexpected(self, keep: Any, *, incomplete: bool = False) -> None:
+        """Forget complete (or, with `incomplete`, any) unexpected messages for which `keep(msg)` is false.
+
+        Complete ones' blocks go back to the pool. An incomplete one's block may be
+        under a read in progress, so it is left to the garbage collector rather than
+        handed to someone else; its reader must be pointed elsewhere by the caller.
+        """
         for key in list(self.unexpected):
             q = self.unexpected[key]
             kept: deque[Unexpected] = deque()
             for msg in q:
-                if keep(msg) or not msg.complete:
+                if keep(msg) or not (msg.complete or incomplete):
                     kept.append(msg)
-                else:
+                elif msg.complete:
                     self.pool.release(msg.block)
             if kept:
                 self.unexpected[key] = kept

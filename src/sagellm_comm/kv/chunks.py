@@ -1,0 +1,309 @@
+"""How a chunk of KV blocks becomes bytes on the wire and back, for each kind of cache.
+
+A chunk is a run of a request's blocks in one layer. On the wire it is always
+the same: its K blocks, then its V blocks, one row of `encoded_block_bytes` each
+(the codec's output, or the raw block), then one xxh3-64 checksum per row. So a
+CPU sender can feed a CUDA receiver, with or without a codec, and the receiver
+can name the very block whose bytes went bad.
+
+Where the bytes already sit in host memory in that form (a CPU cache, no codec),
+the message is made of the cache's own block memory (`Pieces`): nothing is
+gathered on the sender or scattered on the receiver. Otherwise rows go through
+a staging buffer: encoded on the CPU, or for a CUDA cache gathered and encoded
+on the device, then copied through page-locked memory on a communication stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ..buffers import Pieces, bytes_view
+from ..errors import KVChecksumError
+from ..scheduler import device
+from .codecs import get_codec
+from .layout import KVCache
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    layer: int
+    start: int  # position of its first block in the request's block list
+    stop: int
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+
+def plan(num_layers: int, n_blocks: int, chunk_blocks: int) -> list[Chunk]:
+    """Chunks in the order they travel: layer by layer, each layer's blocks in order."""
+    out: list[Chunk] = []
+    for layer in range(num_layers):
+        for start in range(0, n_blocks, chunk_blocks):
+            out.append(Chunk(len(out), layer, start, min(n_blocks, start + chunk_blocks)))
+    return out
+
+
+def chunk_blocks_for(encoded_block_bytes: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (2 * encoded_block_bytes))
+
+
+def chunk_nbytes(n: int, encoded_block_bytes: int, checksum: bool) -> int:
+    return 2 * n * encoded_block_bytes + (16 * n if checksum else 0)
+
+
+def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive block ids as [start, stop) ranges: each one contiguous memory in a layer."""
+    out: list[tuple[int, int]] = []
+    start = prev = ids[0]
+    for i in ids[1:]:
+        if i != prev + 1:
+            out.append((start, prev + 1))
+            start = i
+        prev = i
+    out.append((start, prev + 1))
+    return out
+
+
+def hash_rows(rows: Sequence[Any]) -> np.ndarray[Any, Any]:
+    return np.fromiter((xxhash.xxh3_64_intdigest(r) for r in rows), dtype=np.uint64, count=len(rows))
+
+
+def check_rows(rows: Sequence[Any], trailer: np.ndarray[Any, Any], *, request: object, chunk: Chunk,
+               dst_ids: Sequence[int], rank: int) -> None:
+    """Raise KVChecksumError naming the first row whose bytes differ from the sender's checksum."""
+    got = hash_rows(rows)
+    bad = np.flatnonzero(got != trailer)
+    if not len(bad):
+        return
+    j = int(bad[0])
+    kind, pos = ("key", j) if j < chunk.n else ("value", j - chunk.n)
+    block = chunk.start + pos
+    raise KVChecksumError(
+        f"checksum mismatch in request {request!r}, layer {chunk.layer}, {kind} block {block} of the request "
+        f"(rank {rank}'s block id {dst_ids[pos]}); {len(bad)} of {2 * chunk.n} rows in this chunk differ",
+        request_id=request, layer=chunk.layer, block=block)
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+class BlockRows:
+    """A CPU cache seen as bytes: per layer, K and V as [num_blocks, block_bytes] uint8 arrays."""
+
+    def __init__(self, cache: KVCache) -> None:
+        torch = _torch()
+        n = cache.num_blocks
+
+        def rows(t: Any) -> np.ndarray[Any, Any]:
+            return t.view(torch.uint8).reshape(n, -1).numpy()  # type: ignore[no-any-return]
+
+        self.k = [rows(cache.key(i)) for i in range(cache.layout.num_layers)]
+        self.v = [rows(cache.value(i)) for i in range(cache.layout.num_layers)]
+
+    def row_views(self, layer: int, ids: Sequence[int]) -> list[Any]:
+        k, v = self.k[layer], self.v[layer]
+        return [k[i] for i in ids] + [v[i] for i in ids]
+
+    def pieces(self, layer: int, ids: Sequence[int], trailer: np.ndarray[Any, Any] | None) -> Pieces:
+        views = [bytes_view(self.k[layer][s:e]) for s, e in runs(ids)]
+        views += [bytes_view(self.v[layer][s:e]) for s, e in runs(ids)]
+        if trailer is not None:
+            views.append(bytes_view(trailer))
+        return Pieces(views)
+
+
+class Staging:
+    """Page-locked (for CUDA caches) or ordinary host rows [2, n, encoded_block_bytes], reused."""
+
+    def __init__(self, max_blocks: int, encoded_block_bytes: int, pinned: bool) -> None:
+        torch = _torch()
+        self.t = torch.empty((2, max_blocks, encoded_block_bytes), dtype=torch.uint8, pin_memory=pinned)
+        self.np = self.t.numpy()
+        self.trailer = np.empty(2 * max_blocks, dtype=np.uint64)
+        self.h2d_done: Any = None  # (receiver, CUDA) event of the copy out of this slot still running
+
+    def rows(self, n: int) -> list[Any]:
+        return [self.np[0, j] for j in range(n)] + [self.np[1, j] for j in range(n)]
+
+    def pieces(self, n: int, checksum: bool) -> Pieces:
+        views = [bytes_view(self.np[0, :n]), bytes_view(self.np[1, :n])]
+        if checksum:
+            views.append(bytes_view(self.trailer[: 2 * n]))
+        return Pieces(views)
+
+
+class ChunkSource:
+    """The sender's side: `prepare(chunk)` starts making its bytes, `ready(...)` gives the message.
+
+    For a CUDA cache `prepare` only queues the gather, encode and device-to-host
+    copy on a communication stream, so the next chunks' copies run while this one
+    is on the wire (up to `lookahead` staging slots).
+    """
+
+    lookahead = 2
+
+    def __init__(self, cache: KVCache, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int) -> None:
+        self.cache = cache
+        self.ids = ids
+        self.codec = get_codec(codec_name)
+        self.checksum = checksum
+        self.enc = self.codec.encoded_block_bytes(cache.layout)
+        self.inplace = not cache.is_cuda and self.codec.name == "none"
+        self.rows = BlockRows(cache) if self.inplace else None
+        self.slots: list[Staging] = []
+        self.max_blocks = min(chunk_blocks, len(ids))
+        self.stream: Any = None
+        self.idx: Any = None
+        if cache.is_cuda:
+            torch = _torch()
+            self.stream = device.comm_stream(cache.device, 0)
+            self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the writer's queued kernels
+            self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
+            self.dstage = torch.empty((2, self.max_blocks, self.enc), dtype=torch.uint8, device=cache.device)
+        elif not self.inplace:
+            self.idx = _torch().tensor(ids, dtype=_torch().long)
+
+    def _slot(self, chunk: Chunk) -> Staging:
+        i = chunk.index % (self.lookahead + 1)
+        while len(self.slots) <= i:
+            self.slots.append(Staging(self.max_blocks, self.enc, pinned=self.cache.is_cuda))
+        return self.slots[i]
+
+    def prepare(self, chunk: Chunk) -> Any:
+        """Queue device work for `chunk` (CUDA caches); returns what `ready` needs."""
+        if self.inplace:
+            return None
+        torch = _torch()
+        slot = self._slot(chunk)
+        idx = self.idx[chunk.start : chunk.stop]
+        n = chunk.n
+        layer = chunk.layer
+        if not self.cache.is_cuda:
+            self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[0, :n])
+            self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[1, :n])
+            return None
+        with torch.cuda.stream(self.stream):
+            d = self.dstage
+            self.codec.encode(self.cache.key(layer).index_select(0, idx), d[0, :n])
+            self.codec.encode(self.cache.value(layer).index_select(0, idx), d[1, :n])
+            slot.t[:, :n].copy_(d[:, :n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return ev
+
+    async def ready(self, chunk: Chunk, token: Any) -> Pieces:
+        """The message of `chunk`, once its bytes are in host memory, with its checksums."""
+        ids = self.ids[chunk.start : chunk.stop]
+        if self.rows is not None:
+            trailer = hash_rows(self.rows.row_views(chunk.layer, ids)) if self.checksum else None
+            return self.rows.pieces(chunk.layer, ids, trailer)
+        if token is not None:
+            await device.wait_event(token, key="kv d2h")
+        slot = self._slot(chunk)
+        if self.checksum:
+            slot.trailer[: 2 * chunk.n] = hash_rows(slot.rows(chunk.n))
+        return slot.pieces(chunk.n, self.checksum)
+
+
+class ChunkSink:
+    """The receiver's side: where chunk `i` lands (`target`), and writing it into the cache (`land`)."""
+
+    def __init__(self, cache: KVCache, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int,
+                 window: int, request: object, rank: int) -> None:
+        self.cache = cache
+        self.ids = ids
+        self.codec = get_codec(codec_name)
+        self.checksum = checksum
+        self.enc = self.codec.encoded_block_bytes(cache.layout)
+        self.inplace = not cache.is_cuda and self.codec.name == "none"
+        self.rows = BlockRows(cache) if self.inplace else None
+        self.window = window
+        self.request = request
+        self.rank = rank
+        self.max_blocks = min(chunk_blocks, len(ids))
+        self.slots: list[Staging] = []
+        self.trailers: dict[int, np.ndarray[Any, Any]] = {}
+        self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
+        torch = _torch()
+        self.stream: Any = None
+        if cache.is_cuda:
+            self.stream = device.comm_stream(cache.device, 0)
+            self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the owner's queued reads
+            self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
+            self.dstage = torch.empty((2, self.max_blocks, self.enc), dtype=torch.uint8, device=cache.device)
+        elif not self.inplace:
+            self.idx = torch.tensor(ids, dtype=torch.long)
+
+    def _slot(self, chunk: Chunk) -> Staging:
+        i = chunk.index % self.window
+        while len(self.slots) <= i:
+            self.slots.append(Staging(self.max_blocks, self.enc, pinned=self.cache.is_cuda))
+        return self.slots[i]
+
+    async def target(self, chunk: Chunk) -> Pieces:
+        """Memory to post the receive of `chunk` into (its staging slot is free once this returns)."""
+        ids = self.ids[chunk.start : chunk.stop]
+        if self.rows is not None:
+            trailer = np.empty(2 * chunk.n, dtype=np.uint64) if self.checksum else None
+            if trailer is not None:
+                self.trailers[chunk.index] = trailer
+            return self.rows.pieces(chunk.layer, ids, trailer)
+        slot = self._slot(chunk)
+        if slot.h2d_done is not None:  # the slot's previous chunk is still being copied to the device
+            await device.wait_event(slot.h2d_done, key="kv h2d")
+            slot.h2d_done = None
+        return slot.pieces(chunk.n, self.checksum)
+
+    def land(self, chunk: Chunk) -> None:
+        """Verify `chunk`'s checksums and write it into the cache (queued, for a CUDA cache)."""
+        ids = self.ids[chunk.start : chunk.stop]
+        if self.rows is not None:
+            trailer = self.trailers.pop(chunk.index, None)
+            if trailer is not None:
+                check_rows(self.rows.row_views(chunk.layer, ids), trailer, request=self.request, chunk=chunk,
+                           dst_ids=ids, rank=self.rank)
+            return
+        slot = self._slot(chunk)
+        n = chunk.n
+        if self.checksum:
+            check_rows(slot.rows(n), slot.trailer[: 2 * n], request=self.request, chunk=chunk, dst_ids=ids,
+                       rank=self.rank)
+        torch = _torch()
+        idx = self.idx[chunk.start : chunk.stop]
+        k, v = self.cache.key(chunk.layer), self.cache.value(chunk.layer)
+        shape = (n, *self.cache.layout.block_shape)
+        if not self.cache.is_cuda:
+            for dst, part in ((k, 0), (v, 1)):
+                tmp = torch.empty(shape, dtype=dst.dtype)
+                self.codec.decode(slot.t[part, :n], tmp)
+                dst.index_copy_(0, idx, tmp)
+            return
+        with torch.cuda.stream(self.stream):
+            d = self.dstage
+            d[:, :n].copy_(slot.t[:, :n], non_blocking=True)
+            h2d = torch.cuda.Event()
+            h2d.record(self.stream)
+            slot.h2d_done = h2d
+            for dst, part in ((k, 0), (v, 1)):
+                tmp = torch.empty(shape, dtype=dst.dtype, device=dst.device)
+                self.codec.decode(d[part, :n], tmp)
+                dst.index_copy_(0, idx, tmp)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.pending[chunk.layer] = done
+
+    async def layer_done(self, layer: int) -> None:
+        """Return once every write of `layer` into the cache has finished (CUDA: on the device)."""
+        ev = self.pending.pop(layer, None)
+        if ev is not None:
+            await device.wait_event(ev, key="kv layer")

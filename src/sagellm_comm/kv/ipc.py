@@ -1,0 +1,211 @@
+"""CUDA IPC between processes of one host: the receiver copies blocks straight out of the sender's cache.
+
+Opening an IPC handle costs milliseconds and maps memory for as long as it stays
+open, so each allocation of a sender's cache is opened once per receiver and kept
+(`OpenedHandles`); a transfer then costs one device-to-device copy per layer run,
+on the receiver's communication stream, ordered after the sender's writes by an
+IPC event the sender records with its offer. The sender's `send` returns only
+after the receiver has waited for its copies, so the sender may reuse its blocks.
+Anything that makes IPC impossible (another host, no CUDA on the receiver, a GPU
+the receiver cannot see, an old driver) makes the receiver choose the stream path
+instead; the offer works for both.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import KVChecksumError
+from ..scheduler import device
+from .layout import KVCache
+from .protocol import IpcHandle, IpcTensor, Offer
+
+log = logging.getLogger("sagellm_comm.kv")
+
+MAX_SLICE_COPIES = 64  # more separate runs than this per layer: one gather/scatter pair instead
+
+
+@cache
+def host_identity() -> str:
+    """This boot of this host: IPC handles mean nothing anywhere else."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _uuid(index: int) -> str:
+    return str(_torch().cuda.get_device_properties(index).uuid)
+
+
+def describe_cache(offer: Offer, cache: KVCache, stream: Any) -> Any:
+    """Put the IPC handles of `cache` and an event after `stream`'s queued work into `offer`.
+
+    Returns the event: the caller keeps it alive until the receiver is done.
+    """
+    torch = _torch()
+    try:
+        allocations: dict[int, int] = {}
+        for layer in range(cache.layout.num_layers):
+            for t, out in ((cache.key(layer), offer.keys), (cache.value(layer), offer.values)):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr not in allocations:
+                    (dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = storage._share_cuda_()
+                    allocations[ptr] = len(offer.ipc)
+                    offer.ipc.append(IpcHandle(f"{_uuid(dev)}:{bytes(handle).hex()}", dev, bytes(handle), size,
+                                               offset, bytes(rc_handle), rc_offset, bytes(ev_handle or b""),
+                                               bool(ev_sync)))
+                out.append(IpcTensor(allocations[ptr], t.storage_offset() * t.element_size()))
+        ev = torch.cuda.Event(interprocess=True)
+        ev.record(stream)
+        offer.ready_event = bytes(ev.ipc_handle())
+        return ev
+    except Exception as e:  # sharing is an optimisation: without it the chunks stream
+        log.debug("CUDA IPC handles of the KV cache are not available: %r", e)
+        offer.ipc, offer.keys, offer.values, offer.ready_event = [], [], [], b""
+        return None
+
+
+class OpenedHandles:
+    """The sender allocations this receiver has mapped, by (sender rank, allocation key)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[tuple[int, str], Any] = {}
+
+    def storage(self, peer: int, h: IpcHandle, local_device: int) -> Any:
+        key = (peer, h.key)
+        s = self.storages.get(key)
+        if s is None:
+            torch = _torch()
+            with torch.cuda.device(local_device):
+                s = torch.UntypedStorage._new_shared_cuda(local_device, h.handle, h.size, h.offset,
+                                                          h.ref_counter_handle, h.ref_counter_offset,
+                                                          h.event_handle, h.event_sync_required)
+            self.storages[key] = s
+        return s
+
+
+class Opened:
+    """One transfer's view of the sender's cache: per layer K and V tensors, and its ready event."""
+
+    def __init__(self, keys: list[Any], values: list[Any], ready: Any) -> None:
+        self.keys = keys
+        self.values = values
+        self.ready = ready
+
+
+def try_open(handles: OpenedHandles, offer: Offer, cache: KVCache, peer: int) -> Opened | None:
+    """The sender's cache mapped here, or None where the chunks must stream instead."""
+    if offer.device != "cuda" or not cache.is_cuda or not offer.ipc or offer.host != host_identity():
+        return None
+    torch = _torch()
+    try:
+        by_uuid = {_uuid(i): i for i in range(torch.cuda.device_count())}
+        shape = (cache.num_blocks, *cache.layout.block_shape)
+        dtype = cache.layout.torch_dtype
+        item = dtype.itemsize
+        if any(t.offset % item for t in offer.keys + offer.values):
+            return None
+        storages = []
+        for h in offer.ipc:
+            local = by_uuid.get(h.key.split(":", 1)[0])
+            if local is None:
+                return None  # the sender's GPU is not visible here
+            storages.append(handles.storage(peer, h, local))
+
+        def tensor(t: IpcTensor) -> Any:
+            s = storages[t.allocation]
+            out = torch.empty(0, dtype=dtype, device=s.device)
+            return out.set_(s, t.offset // item, shape)
+
+        keys = [tensor(t) for t in offer.keys]
+        values = [tensor(t) for t in offer.values]
+        if keys and keys[0].size(0) != cache.num_blocks:
+            return None
+        ready = torch.cuda.Event.from_ipc_handle(cache.device, offer.ready_event) if offer.ready_event else None
+        return Opened(keys, values, ready)
+    except Exception as e:
+        log.debug("CUDA IPC open failed, streaming instead: %r", e)
+        return None
+
+
+def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of stretches where both id lists count up by one."""
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(src):
+        j = i + 1
+        while j < len(src) and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
+            j += 1
+        out.append((src[i], dst[i], j - i))
+        i = j
+    return out
+
+
+class LayerCopier:
+    """Copies one layer at a time from the mapped sender cache into this cache, on a comm stream."""
+
+    def __init__(self, opened: Opened, cache: KVCache, dst_ids: list[int], src_ids: list[int], checksum: bool,
+                 request: object, rank: int) -> None:
+        torch = _torch()
+        self.opened = opened
+        self.cache = cache
+        self.dst_ids = dst_ids
+        self.checksum = checksum
+        self.request = request
+        self.rank = rank
+        self.stream = device.comm_stream(cache.device, 0)
+        self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the owner's queued reads
+        if opened.ready is not None:
+            self.stream.wait_event(opened.ready)
+        self.runs = paired_runs(src_ids, dst_ids)
+        self.src_idx = torch.tensor(src_ids, dtype=torch.long, device=cache.device)
+        self.dst_idx = torch.tensor(dst_ids, dtype=torch.long, device=cache.device)
+
+    def _copy(self, src: Any, dst: Any) -> None:
+        if len(self.runs) <= MAX_SLICE_COPIES:
+            for s, d, n in self.runs:
+                dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+        else:
+            dst.index_copy_(0, self.dst_idx, src.index_select(0, self.src_idx))
+
+    def _sums(self, t: Any, idx: Any) -> Any:
+        torch = _torch()
+        rows = t.index_select(0, idx).view(torch.uint8).reshape(len(self.dst_ids), -1)
+        if rows.size(1) % 4 == 0:
+            rows = rows.view(torch.int32)
+        return rows.sum(1, dtype=torch.int64)
+
+    async def copy(self, layer: int) -> None:
+        torch = _torch()
+        pairs = ((self.opened.keys[layer], self.cache.key(layer)), (self.opened.values[layer], self.cache.value(layer)))
+        sums = []
+        with torch.cuda.stream(self.stream):
+            for src, dst in pairs:
+                self._copy(src, dst)
+                if self.checksum:
+                    sums.append((self._sums(src, self.src_idx), self._sums(dst, self.dst_idx)))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        await device.wait_event(done, key="kv ipc layer")
+        for kind, (a, b) in zip(("key", "value"), sums, strict=False):
+            bad = (a != b).nonzero()
+            if bad.numel():
+                pos = int(bad[0])
+                raise KVChecksumError(
+                    f"checksum mismatch in request {self.request!r}, layer {layer}, {kind} block {pos} of the "
+                    f"request (rank {self.rank}'s block id {self.dst_ids[pos]}) after the CUDA IPC copy",
+                    request_id=self.request, layer=layer, block=pos)

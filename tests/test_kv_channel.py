@@ -1,0 +1,364 @@
+"""KV transfers between simulated ranks: exact blocks, streaming order, codecs, back-pressure,
+cancellation and timeouts on either side, checksums, mismatches and bad arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import sagellm_comm as sc
+from sagellm_comm import kv
+from sagellm_comm.testing import run_ranks
+
+pytestmark = pytest.mark.anyio
+
+LAYOUT = kv.KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, block_size=4, dtype="bfloat16")
+SRC_IDS = [5, 2, 9, 10, 11, 0, 7]
+DST_IDS = [1, 3, 4, 5, 12, 8, 6]
+
+
+def filled(layout: kv.KVLayout, num_blocks: int, seed: int) -> kv.KVCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = kv.KVCache.allocate(layout, num_blocks)
+    for layer in range(layout.num_layers):
+        cache.key(layer).copy_(torch.randn(cache.key(layer).shape, generator=g))
+        cache.value(layer).copy_(torch.randn(cache.value(layer).shape, generator=g))
+    return cache
+
+
+def same_blocks(a: kv.KVCache, a_ids: list[int], b: kv.KVCache, b_ids: list[int], layer: int) -> bool:
+    return bool(torch.equal(a.key(layer)[a_ids], b.key(layer)[b_ids])
+                and torch.equal(a.value(layer)[a_ids], b.value(layer)[b_ids]))
+
+
+async def pair(sender: Any, receiver: Any, *, timeout: float = 20, **kw: Any) -> list[Any]:
+    """Rank 0 runs `sender(comm)`, rank 1 `receiver(comm)`; both bounded in time."""
+    async def body(comm: sc.Communicator) -> Any:
+        with anyio.fail_after(timeout):
+            return await (sender if comm.rank == 0 else receiver)(comm)
+
+    return await run_ranks(2, body, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+@pytest.mark.parametrize("chunk_bytes", [1, 4096, 8 << 20])
+async def test_blocks_arrive_exactly_at_the_receivers_ids(dtype: str, chunk_bytes: int) -> None:
+    layout = kv.KVLayout(4, 2, 16, 4, dtype)
+    src = filled(layout, 16, seed=1)
+    dst = kv.KVCache.allocate(layout, 16)
+
+    async def sender(comm: sc.Communicator) -> kv.TransferStats:
+        return await kv.KVChannel(comm, src, chunk_bytes=chunk_bytes).send("req-1", 1, SRC_IDS)
+
+    async def receiver(comm: sc.Communicator) -> kv.TransferStats:
+        return await kv.KVChannel(comm, dst, chunk_bytes=chunk_bytes).recv("req-1", 0, DST_IDS)
+
+    sent, got = await pair(sender, receiver)
+    for layer in range(layout.num_layers):
+        assert same_blocks(src, SRC_IDS, dst, DST_IDS, layer)
+        untouched = [i for i in range(16) if i not in DST_IDS]
+        assert not dst.key(layer)[untouched].any() and not dst.value(layer)[untouched].any()
+    raw = 2 * len(SRC_IDS) * layout.num_layers * layout.block_bytes
+    assert got.raw_bytes == sent.raw_bytes == raw
+    assert got.nbytes == sent.nbytes == raw + 16 * len(SRC_IDS) * layout.num_layers  # + one checksum per row
+    assert got.path == sent.path == "stream" and got.codec == "none"
+
+
+async def test_send_and_receive_in_either_order_and_int_request_ids() -> None:
+    src = filled(LAYOUT, 16, seed=2)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+
+    async def sender(comm: sc.Communicator) -> None:
+        chan = kv.KVChannel(comm, src)
+        await chan.send(7, 1, SRC_IDS[:3])  # the receiver is not there yet
+        await anyio.sleep(0.2)
+        await chan.send("late", 1, SRC_IDS[3:])
+
+    async def receiver(comm: sc.Communicator) -> None:
+        chan = kv.KVChannel(comm, dst)
+        recv7 = chan.recv(7, 0, DST_IDS[:3])
+        await anyio.sleep(0.2)
+        await recv7
+        await chan.recv("late", 0, DST_IDS[3:])  # posted before its offer arrives
+
+    await pair(sender, receiver)
+    for layer in range(LAYOUT.num_layers):
+        assert same_blocks(src, SRC_IDS, dst, DST_IDS, layer)
+
+
+async def test_layers_stream_in_order_before_later_layers_arrive() -> None:
+    src = filled(LAYOUT, 16, seed=3)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+    seen: list[tuple[int, bool, bool]] = []
+
+    async def sender(comm: sc.Communicator) -> None:
+        await kv.KVChannel(comm, src, window=1).send("r", 1, SRC_IDS)
+
+    async def receiver(comm: sc.Communicator) -> None:
+        chan = kv.KVChannel(comm, dst, window=1)  # one chunk per layer here: at most one layer ahead
+        async for layer in chan.receive("r", 0, DST_IDS):
+            last = LAYOUT.num_layers - 1
+            seen.append((layer, same_blocks(src, SRC_IDS, dst, DST_IDS, layer),
+                         layer < last - 1 and bool(dst.key(last)[DST_IDS].any())))
+            await anyio.sleep(0.02)
+
+    await pair(sender, receiver)
+    assert [s[0] for s in seen] == list(range(LAYOUT.num_layers))
+    assert all(s[1] for s in seen), "a layer was reported before all its blocks were written"
+    assert not any(s[2] for s in seen), "the last layer arrived while the receiver was still at an early one"
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int8"])
+async def test_codecs_shrink_the_wire_and_stay_close(codec: str) -> None:
+    layout = kv.KVLayout(2, 4, 64, 8, "bfloat16")
+    src = filled(layout, 8, seed=4)
+    dst = kv.KVCache.allocate(layout, 8)
+
+    async def sender(comm: sc.Communicator) -> kv.TransferStats:
+        return await kv.KVChannel(comm, src, codec=codec, checksum=False).send("q", 1, [0, 1, 2])
+
+    async def receiver(comm: sc.Communicator) -> kv.TransferStats:
+        return await kv.KVChannel(comm, dst).recv("q", 0, [5, 6, 7])
+
+    sent, got = await pair(sender, receiver)
+    assert got.codec == codec and sent.raw_bytes / sent.nbytes >= 1.9
+    for layer in range(layout.num_layers):
+        a, b = src.key(layer)[[0, 1, 2]].float(), dst.key(layer)[[5, 6, 7]].float()
+        rel = ((a - b).norm() / a.norm()).item()
+        assert 0 < rel < 0.08, rel
+
+
+async def test_slow_receiver_holds_the_sender_to_its_window() -> None:
+    layout = kv.KVLayout(8, 2, 16, 4, "bfloat16")
+    src = filled(layout, 8, seed=5)
+    dst = kv.KVCache.allocate(layout, 8)
+    window = 2
+    ahead: list[int] = []
+    chans: dict[int, kv.KVChannel] = {}
+
+    async def sender(comm: sc.Communicator) -> None:
+        chans[0] = kv.KVChannel(comm, src, window=window)
+        await chans[0].send("slow", 1, [0, 1, 2])
+
+    async def receiver(comm: sc.Communicator) -> None:
+        chans[1] = chan = kv.KVChannel(comm, dst, window=window)
+        async for layer in chan.receive("slow", 0, [3, 4, 5]):
+            await anyio.sleep(0.05)  # let the sender run as far ahead as it can
+            ahead.append(chans[0].counters["chunks_sent"] - (layer + 1))
+            scratch = [k for k in comm._engine.matcher.unexpected if k[1][0].startswith("kv|")]
+            assert not scratch, f"KV data went to scratch memory: {scratch}"
+
+    await pair(sender, receiver)
+    assert max(ahead) <= window and max(ahead) >= 1, ahead  # it did run ahead, but never past its credits
+
+
+async def test_receiver_leaving_early_cancels_that_request_only() -> None:
+    src = filled(LAYOUT, 16, seed=6)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+
+    async def sender(comm: sc.Communicator) -> tuple[str, str]:
+        chan = kv.KVChannel(comm, src, window=1)
+        out = ["", ""]
+
+        async def one(i: int, req: str, ids: list[int]) -> None:
+            try:
+                await chan.send(req, 1, ids)
+                out[i] = "ok"
+            except sc.TransferCancelled as e:
+                out[i] = f"cancelled: {e}"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0, "dropped", SRC_IDS[:3])
+            tg.start_soon(one, 1, "kept", SRC_IDS[3:])
+        return out[0], out[1]
+
+    async def receiver(comm: sc.Communicator) -> list[int]:
+        chan = kv.KVChannel(comm, dst, window=1)
+        got: list[int] = []
+        async with chan.receive("dropped", 0, DST_IDS[:3]) as layers:
+            async for layer in layers:
+                got.append(layer)
+                break
+        await chan.recv("kept", 0, DST_IDS[3:])
+        return got
+
+    (dropped, kept), got = await pair(sender, receiver)
+    assert got == [0]
+    assert dropped.startswith("cancelled") and "rank 1" in dropped and "'dropped'" in dropped
+    assert kept == "ok"
+    for layer in range(LAYOUT.num_layers):
+        assert same_blocks(src, SRC_IDS[3:], dst, DST_IDS[3:], layer)
+
+
+async def test_sender_cancelled_midway_is_transfer_cancelled_and_no_partial_layer() -> None:
+    layout = kv.KVLayout(6, 2, 16, 4, "float32")
+    src = filled(layout, 16, seed=7)
+    dst = kv.KVCache.allocate(layout, 16)
+
+    async def sender(comm: sc.Communicator) -> str:
+        chan = kv.KVChannel(comm, src, window=1, chunk_bytes=1)  # a chunk per block: layers take many chunks
+        with anyio.move_on_after(0.15):
+            await chan.send("gone", 1, SRC_IDS)
+        await comm.barrier()  # the rank keeps serving after its transfer was cancelled
+        return "cancelled"
+
+    async def receiver(comm: sc.Communicator) -> dict[str, Any]:
+        chan = kv.KVChannel(comm, dst, window=1, chunk_bytes=1)
+        layers: list[int] = []
+        try:
+            async for layer in chan.receive("gone", 0, DST_IDS):
+                layers.append(layer)
+                await anyio.sleep(0.05)
+        except sc.TransferCancelled as e:
+            error = str(e)
+        await comm.barrier()
+        return {"layers": layers, "error": error}
+
+    _, r = await pair(sender, receiver)
+    assert "rank 0" in r["error"] and "'gone'" in r["error"] and "cancelled" in r["error"]
+    assert r["layers"] == list(range(len(r["layers"]))) and len(r["layers"]) < layout.num_layers
+    for layer in r["layers"]:
+        assert same_blocks(src, SRC_IDS, dst, DST_IDS, layer)
+
+
+async def test_timeouts_name_the_request_and_tell_the_other_side() -> None:
+    src = filled(LAYOUT, 16, seed=8)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+
+    async def sender(comm: sc.Communicator) -> str:
+        chan = kv.KVChannel(comm, src, window=1)
+        with pytest.raises(sc.CommTimeout, match="'nobody'"):
+            await chan.send("nobody", 1, SRC_IDS, timeout=0.2)  # no receiver ever posts it
+        with pytest.raises(sc.TransferCancelled, match="timed out") as info:
+            await chan.send("slow", 1, SRC_IDS)
+        return str(info.value)
+
+    async def receiver(comm: sc.Communicator) -> None:
+        chan = kv.KVChannel(comm, dst, window=1)
+        with pytest.raises(sc.CommTimeout, match="'never'"):
+            await chan.recv("never", 0, DST_IDS, timeout=0.2)
+        with pytest.raises(sc.CommTimeout, match="'slow'"):
+            async for _ in chan.receive("slow", 0, DST_IDS, timeout=0.3):
+                await anyio.sleep(0.2)
+
+    await pair(sender, receiver)
+
+
+async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sagellm_comm.kv import chunks
+
+    src = filled(LAYOUT, 16, seed=9)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+    real = chunks.ChunkSource.ready
+
+    async def corrupting(self: chunks.ChunkSource, chunk: chunks.Chunk, token: Any) -> Any:
+        msg = await real(self, chunk, token)  # checksums taken; now a bit flips before the bytes leave
+        if chunk.layer == 2:
+            self.cache.value(2)[SRC_IDS[4]].view(torch.int16)[1, 1, 3] ^= 0x10
+        return msg
+
+    monkeypatch.setattr(chunks.ChunkSource, "ready", corrupting)
+
+    async def sender(comm: sc.Communicator) -> BaseException:
+        with pytest.raises(sc.KVChecksumError) as info:
+            await kv.KVChannel(comm, src).send("bad", 1, SRC_IDS)
+        return info.value
+
+    async def receiver(comm: sc.Communicator) -> tuple[BaseException, list[int]]:
+        layers: list[int] = []
+        with pytest.raises(sc.KVChecksumError) as info:
+            async for layer in kv.KVChannel(comm, dst).receive("bad", 0, DST_IDS):
+                layers.append(layer)
+        return info.value, layers
+
+    s_err, (r_err, layers) = await pair(sender, receiver)
+    assert layers == [0, 1]
+    for e in (s_err, r_err):
+        assert isinstance(e, sc.KVChecksumError)
+        assert (e.request_id, e.layer, e.block) == ("bad", 2, 4), (e.request_id, e.layer, e.block)
+        assert "'bad'" in str(e) and "layer 2" in str(e) and "value block 4" in str(e)
+
+
+async def test_disagreeing_ends_get_kv_mismatch_on_both_sides() -> None:
+    other = kv.KVLayout(4, 2, 16, 8, "bfloat16")  # another block size
+
+    async def sender(comm: sc.Communicator) -> list[str]:
+        chan = kv.KVChannel(comm, filled(LAYOUT, 16, seed=10))
+        errors = []
+        for req in ("count", "layout"):
+            with pytest.raises(sc.KVMismatch) as info:
+                await chan.send(req, 1, SRC_IDS)
+            errors.append(str(info.value))
+        return errors
+
+    async def receiver(comm: sc.Communicator) -> list[str]:
+        errors = []
+        with pytest.raises(sc.KVMismatch) as info:
+            await kv.KVChannel(comm, kv.KVCache.allocate(LAYOUT, 16)).recv("count", 0, DST_IDS[:2])
+        errors.append(str(info.value))
+        with pytest.raises(sc.KVMismatch) as info:
+            await kv.KVChannel(comm, kv.KVCache.allocate(other, 16)).recv("layout", 0, DST_IDS)
+        errors.append(str(info.value))
+        return errors
+
+    s, r = await pair(sender, receiver)
+    assert "7 blocks" in r[0] and "2 block ids" in r[0] and "7 blocks" in s[0]
+    assert "block size" in r[1] and "block size" in s[1]
+
+
+async def test_bad_arguments_are_refused_before_anything_moves() -> None:
+    async def body(comm: sc.Communicator) -> None:
+        cache = kv.KVCache.allocate(LAYOUT, 8)
+        chan = kv.KVChannel(comm, cache)
+        peer = 1 - comm.rank
+        for ids, match in (([8], "out of range"), ([1, 1], "repeat"), ([], "no block ids")):
+            with pytest.raises(sc.InvalidArgument, match=match):
+                await chan.send("x", peer, ids)
+            with pytest.raises(sc.InvalidArgument, match=match):
+                await chan.recv("x", peer, ids)
+        with pytest.raises(sc.InvalidArgument, match="this rank"):
+            await chan.send("x", comm.rank, [0])
+        with pytest.raises(sc.InvalidArgument, match="request_id"):
+            await chan.send(1.5, peer, [0])  # type: ignore[arg-type]
+        with pytest.raises(sc.InvalidArgument, match="codec"):
+            await chan.send("x", peer, [0], codec="zstd")
+        with pytest.raises(sc.InvalidArgument, match="window"):
+            kv.KVChannel(comm, cache, window=0)
+        with pytest.raises(sc.InvalidArgument, match="shape"):
+            kv.KVCache(LAYOUT, [torch.zeros(3, 4)] * 4, [torch.zeros(3, 4)] * 4)
+        with pytest.raises(sc.InvalidArgument, match="dtype"):
+            kv.KVLayout(2, 2, 2, 2, "int8")
+        await comm.barrier()
+
+    with anyio.fail_after(20):
+        await run_ranks(2, body)
+
+
+async def test_a_lost_sender_is_peer_lost_on_the_receiver() -> None:
+    src = filled(LAYOUT, 16, seed=11)
+    dst = kv.KVCache.allocate(LAYOUT, 16)
+
+    async def sender(comm: sc.Communicator) -> None:
+        chan = kv.KVChannel(comm, src, window=1, chunk_bytes=1)
+        async def send() -> None:
+            with pytest.raises(sc.CommClosed):
+                await chan.send("dies", 1, SRC_IDS)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await anyio.sleep(0.1)
+            comm.abort()  # the process "dies" mid-transfer: no goodbye, no cancel notice
+            tg.cancel_scope.cancel()
+
+    async def receiver(comm: sc.Communicator) -> str:
+        with pytest.raises(sc.PeerLost) as info:
+            async for _ in kv.KVChannel(comm, dst, window=1, chunk_bytes=1).receive("dies", 0, DST_IDS):
+                await anyio.sleep(0.1)
+        return str(info.value)
+
+    _, err = await pair(sender, receiver)
+    assert "rank 0" in err

@@ -38,7 +38,7 @@ def test_tiny_kv_bench_writes_sane_rows(tmp_path: Path) -> None:
     assert "kv/raw" in out.stdout
     doc = json.loads(path.read_text())
     assert doc["all_ok"] is True
-    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["torch_version"]
+    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["torch"]
     assert doc["settings"]["backend"] == "asyncio"
     per_token = 2 * 2 * 2 * 16 * 2  # K and V x layers x heads x head dim x bf16
     assert doc["settings"]["bytes_per_token"] == per_token

@@ -188,3 +188,22 @@ def test_a_cuda_receive_withdrawn_mid_transfer_keeps_the_message_whole(backend: 
     r1 = res[1]
     assert r1["transport"] == "shm", r1
     assert r1["ok"], r1  # cancelled, then the next receive got every byte, in order
+
+
+KV_WORKER = str(Path(__file__).with_name("kv_cuda_worker.py"))
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_kv_transfers_between_cuda_caches_by_ipc_and_staged(backend: str) -> None:
+    with procs.Ranks(KV_WORKER, "kv", 2, backend, env={"SAGELLM_COMM_TRANSPORT": "shm"}) as ranks:
+        res = ranks.results(timeout=240, clean_exit=True)[1]
+    want_path = {"ipc": "ipc", "ipc-fp8": "ipc", "cpu-to-cuda": "stream", "cuda-to-cpu": "stream"}
+    for req, r in res.items():
+        if req == "rank":
+            continue
+        assert r["layers"] and r["untouched"], (req, r)
+        if req in want_path or (req.startswith("staged") and "8" not in req):
+            assert r["exact"], (req, r)
+        else:
+            assert 0 < r["rel_error"] < 0.08, (req, r)
+        assert r["path"] == want_path.get(req, "stream"), (req, r)

@@ -27,16 +27,18 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from . import bench_allreduce
-from .demo import free_port, launch
+from .demo import fmt_bytes, free_port, launch
 
 DEFAULT_TOKENS = "1024,4096,16384"
 CODECS = ("none", "fp8", "int8")
@@ -78,7 +80,7 @@ class Shape:
 
     def describe(self) -> str:
         return (f"{self.num_layers} layers x {self.num_kv_heads} kv heads x head dim {self.head_dim}, "
-                f"block {self.block_size}, {self.dtype} ({self.bytes_per_token // 1024} KiB/token)")
+                f"block {self.block_size}, {self.dtype} ({fmt_bytes(self.bytes_per_token)}/token)")
 
 
 def cache_blocks(shape: Shape, tokens: list[int]) -> int:
@@ -102,13 +104,18 @@ def block_ids(mode: str, n: int, num_blocks: int, rank: int, seed: int) -> list[
 
 # -- one rank --------------------------------------------------------------------------------
 class _Rank:
-    """One side of the benchmark: its cache, its channel and its raw buffers."""
+    """One side of the benchmark: its cache, its channel and its raw buffers.
 
-    def __init__(self, comm: Any, spec: dict[str, Any]) -> None:
+    The cache is built and filled before the group is joined: filling gigabytes
+    takes seconds of CPU in which the event loop would not answer heartbeats.
+    Later bulk work on the host (raw buffers, signatures) runs in a thread.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
         import torch
 
         self.torch = torch
-        self.comm = comm
+        self.comm: Any = None
         self.spec = spec
         self.rank = int(spec["rank"])
         self.shape = Shape(**spec["layout"])
@@ -117,10 +124,11 @@ class _Rank:
         self.num_blocks = cache_blocks(self.shape, spec["tokens"])
         self.cache: Any = None
         self.chan: Any = None
+        self.raw_good = True  # every raw transfer so far wrote the receiver's sampled bytes
         if self.codecs:
-            self._open_channel()
+            self._build_cache()
 
-    def _open_channel(self) -> None:
+    def _build_cache(self) -> None:
         from . import kv
 
         s = self.shape
@@ -133,10 +141,20 @@ class _Rank:
                 self.cache.key(layer).normal_(generator=gen)
                 self.cache.value(layer).normal_(generator=gen)
             self._sync()
+
+    def attach(self, comm: Any) -> None:
+        """Join the benchmark to the group: the channel over `comm`, with the options asked for."""
+        from . import kv
+
+        self.comm = comm
+        if self.cache is None:
+            return
         opts: dict[str, Any] = {"checksum": bool(self.spec["checksum"])}
         for k in ("window", "chunk_bytes"):
             if self.spec.get(k):
                 opts[k] = int(self.spec[k])
+        if self.spec.get("ipc") is not None:
+            opts["ipc"] = bool(self.spec["ipc"])
         self.chan = kv.KVChannel(self.comm, self.cache, name="bench-kv", **opts)
 
     def _sync(self) -> None:
@@ -159,14 +177,13 @@ class _Rank:
 
     async def raw_once(self, buf: Any) -> tuple[float, float]:
         """One request's bytes over the bare transport: (seconds, first-layer seconds) on the receiver."""
-        import anyio
-
         layers = self.shape.num_layers
         if self.rank == 0:
             await self.comm.barrier()
             for layer in range(layers):
                 await self.comm.send(buf[0], 1, tag=RAW_TAG + layer)
             return 0.0, 0.0
+        self._mark(buf)
         t0 = [0.0]
         first = [0.0]
         entered = anyio.Event()
@@ -183,12 +200,23 @@ class _Rank:
             await self.comm.barrier()
             t0[0] = time.perf_counter()
             entered.set()
-        return time.perf_counter() - t0[0], first[0]
+        seconds = time.perf_counter() - t0[0]
+        self.raw_good = self.raw_good and self._marked_ok(buf)
+        return seconds, first[0]
 
-    def raw_ok(self, buf: Any) -> bool:
-        """The received rows hold the sender's bytes (sampled: the buffer is as large as the request)."""
-        step = max(1, buf.shape[1] // 4096)
-        return bool((buf[:, ::step] == 7).all().item() and (buf[:, -1] == 7).all().item())
+    @staticmethod
+    def _samples(buf: Any) -> tuple[Any, Any]:
+        """A sparse grid of every row plus its last byte: enough to see a message that did not land."""
+        return buf[:, :: max(1, buf.shape[1] // 4096)], buf[:, -1]
+
+    def _mark(self, buf: Any) -> None:
+        """Zero the sampled bytes before a raw transfer, so each transfer has to write them again."""
+        for view in self._samples(buf):
+            view.zero_()
+        self._sync()
+
+    def _marked_ok(self, buf: Any) -> bool:
+        return all(bool((view == 7).all().item()) for view in self._samples(buf))
 
     # -- the KV channel --------------------------------------------------------------------------
     async def kv_once(self, request: str, ids: list[int], codec: str) -> tuple[float, float, Any]:
@@ -205,36 +233,39 @@ class _Rank:
                     first = time.perf_counter() - t0
         return time.perf_counter() - t0, first, layers.stats
 
-    def signature(self, ids: list[int]) -> Any:
-        """Per layer and K/V: the byte sum (exact transfers) and the sum of squares (lossy codecs)."""
+    def signature(self, ids: list[int], exact: bool) -> Any:
+        """Per layer and K/V of the blocks `ids`: a word sum (exact transfers) or the L2 norm (lossy codecs)."""
         torch = self.torch
         idx = torch.tensor(ids, device=self.device)
-        out = []
+        word = torch.int32 if self.shape.head_dim * self.shape.itemsize % 4 == 0 else torch.uint8
+        out: list[float] = []
         for layer in range(self.shape.num_layers):
             for t in (self.cache.key(layer), self.cache.value(layer)):
                 blocks = t.index_select(0, idx)
-                out.append(float(blocks.view(torch.uint8).sum(dtype=torch.int64).item()))
-                out.append(float(blocks.double().square().sum().item()))
-        return np.array(out, dtype=np.float64)
+                if exact:
+                    out.append(int(blocks.view(word).sum(dtype=torch.int64).item()))
+                else:
+                    out.append(float(torch.linalg.vector_norm(blocks, dtype=torch.float32).item()))
+        return np.array(out, dtype=np.int64 if exact else np.float64)
 
     async def kv_ok(self, ids: list[int], codec: str) -> bool:
-        """The receiver's blocks against the sender's: bytes equal without a codec, energy close with one."""
-        mine = self.signature(ids)
+        """The receiver's blocks against the sender's: words equal without a codec, norms close with one."""
+        mine = await anyio.to_thread.run_sync(self.signature, ids, codec == "none")
         if self.rank == 0:
             await self.comm.send(mine, 1, tag=SIG_TAG)
             return True
         theirs = np.empty_like(mine)
         await self.comm.recv(theirs, 0, tag=SIG_TAG)
         if codec == "none":
-            return bool(np.array_equal(mine[0::2], theirs[0::2]))
-        rel = np.abs(mine[1::2] - theirs[1::2]) / np.maximum(theirs[1::2], 1e-30)
-        return bool(np.all(mine[1::2] > 0) and float(rel.max()) < 0.1)
+            return bool(np.array_equal(mine, theirs))
+        rel = np.abs(mine - theirs) / np.maximum(theirs, 1e-30)
+        return bool(np.all(mine > 0) and float(rel.max()) < 0.05)
 
     # -- one request size ------------------------------------------------------------------------
     async def measure(self, tokens: int) -> dict[str, Any]:
         """Warm-up, then `iters` rounds of raw and every codec, alternating; the receiver's times."""
         iters = int(self.spec["iters"])
-        buf = self.raw_buffer(tokens)
+        buf = await anyio.to_thread.run_sync(self.raw_buffer, tokens)
         ids = self.ids(tokens) if self.codecs else []
         raw: list[tuple[float, float]] = []
         kv: dict[str, list[tuple[float, float, Any]]] = {c: [] for c in self.codecs}
@@ -250,7 +281,7 @@ class _Rank:
                 if i == iters - 1:  # before the next codec overwrites the receiver's blocks
                     ok[codec] = await self.kv_ok(ids, codec)
         return {"tokens": tokens, "raw_seconds": [r[0] for r in raw], "raw_first_seconds": [r[1] for r in raw],
-                "raw_ok": self.rank == 0 or self.raw_ok(buf),
+                "raw_ok": self.raw_good,
                 "kv": {c: _kv_summary(kv[c], ok[c]) for c in self.codecs}}
 
 
@@ -264,7 +295,6 @@ def _kv_summary(runs: list[tuple[float, float, Any]], ok: bool) -> dict[str, Any
 
 def kv_worker(spec: dict[str, Any]) -> int:
     """One rank of the KV benchmark (`sagellm-comm _worker kv SPEC`)."""
-    import anyio
     import torch  # before init: a process with CUDA gets shm rings sized for device copies
 
     import sagellm_comm as sc
@@ -272,20 +302,34 @@ def kv_worker(spec: dict[str, Any]) -> int:
     if spec["device"] == "cuda":
         torch.cuda.set_device(0)
 
+    me = _Rank(spec)
+
     async def main() -> list[dict[str, Any]]:
         url = f"tcp://127.0.0.1:{spec['port']}"
         async with sc.init_process_group(url, rank=int(spec["rank"]), world_size=2,
                                          timeout=float(spec["op_timeout"]), transport=spec["transport"]) as comm:
-            me = _Rank(comm, spec)
+            me.attach(comm)
             rows = []
             for tokens in spec["tokens"]:
                 rows.append(await me.measure(int(tokens)))
                 print(f"rank {spec['rank']}: {tokens} tokens done", file=sys.stderr, flush=True)
             return rows
 
-    rows = anyio.run(main, backend=spec["backend"])
+    try:
+        rows = anyio.run(main, backend=spec["backend"])
+    except Exception as e:  # the traceback, then one line the parent's log tail is sure to show
+        traceback.print_exc()
+        print(f"rank {spec['rank']} FAILED: {_first_error(e)}", file=sys.stderr, flush=True)
+        return 1
     Path(spec["out"]).write_text(json.dumps({"rank": spec["rank"], "rows": rows}))
     return 0
+
+
+def _first_error(e: BaseException) -> str:
+    """The innermost error of a task group's exception group, as `Type: message`."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {e}"
 
 
 # -- the parent: launching, ceilings, the table ----------------------------------------------------
@@ -302,6 +346,7 @@ class Settings:
     iters: int = 5
     ids: str = "contiguous"
     checksum: bool = True
+    ipc: bool | None = None
     window: int | None = None
     chunk_bytes: int | None = None
     seed: int = 1234
@@ -324,7 +369,7 @@ def measure(settings: Settings, transport: str) -> list[dict[str, Any]]:
     port = free_port()
     base = {"port": port, "transport": transport, "backend": s.backend, "device": s.device,
             "layout": asdict(s.shape), "tokens": s.tokens, "codecs": s.codecs, "iters": s.iters, "ids": s.ids,
-            "checksum": s.checksum, "window": s.window, "chunk_bytes": s.chunk_bytes, "seed": s.seed,
+            "checksum": s.checksum, "ipc": s.ipc, "window": s.window, "chunk_bytes": s.chunk_bytes, "seed": s.seed,
             "op_timeout": s.op_timeout}
     with _one_gpu(s.device == "cuda"):
         runs = launch("kv", [{**base, "rank": r} for r in range(2)], timeout=s.budget())
@@ -365,7 +410,8 @@ def _rows(transport: str, s: Settings, r: dict[str, Any]) -> dict[str, Any]:
         rows.append({**common, "codec": codec, "kv_seconds": t, "kv_gbps": raw_bytes / t / 1e9,
                      "kv_over_raw": raw_t / t, "first_layer_ms": statistics.median(k["first_seconds"]) * 1e3,
                      "channel_seconds": statistics.median(k["stats_seconds"]), "wire_bytes": k["wire_bytes"],
-                     "compression": raw_bytes / k["wire_bytes"], "path": k["path"], "kv_times": k["seconds"],
+                     "compression": raw_bytes / k["wire_bytes"] if k["wire_bytes"] else None,  # ipc: no wire
+                     "path": k["path"], "kv_times": k["seconds"],
                      "ok": bool(k["ok"] and r["raw_ok"] and k["raw_bytes"] == raw_bytes)})
     return {"tokens": tokens, "rows": rows, "raw": common}
 
@@ -424,11 +470,15 @@ def format_table(s: Settings, results: dict[str, list[dict[str, Any]]], ceil: di
             tail = (f"{c.get('d2d_gbps', 0):>7.1f} {c.get('h2d_gbps', 0):>6.1f} {c.get('d2h_gbps', 0):>6.1f}" if cuda
                     else f"{c.get('memcpy_gbps', 0):>7.2f}")
             for r in size["rows"]:
-                lines.append(f"{transport:>9} {r['tokens']:>7} {r['mib']:>8.1f} {r['codec']:>5} {r['kv_gbps']:>8.3f} "
+                lines.append(f"{transport:>9} {r['tokens']:>7} {r['mib']:>8.2f} {r['codec']:>5} {r['kv_gbps']:>8.3f} "
                              f"{r['raw_gbps']:>8.3f} {r['kv_over_raw']:>6.2f} {r['first_layer_ms']:>8.2f} "
-                             f"{r['raw_first_layer_ms']:>8.2f} {r['compression']:>5.2f} {r['path']:>6} {tail}  "
+                             f"{r['raw_first_layer_ms']:>8.2f} {_ratio(r['compression']):>5} {r['path']:>6} {tail}  "
                              f"{'yes' if r['ok'] else 'NO'}")
     return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def run(s: Settings, *, json_path: str | None, argv: list[str] | None = None) -> int:
@@ -444,7 +494,7 @@ def run(s: Settings, *, json_path: str | None, argv: list[str] | None = None) ->
     if json_path:
         import torch
 
-        machine = {**bench_allreduce.machine_info(), "torch_version": torch.__version__}
+        machine = bench_allreduce.machine_info()  # cpu count, versions (torch's too), date
         if s.device == "cuda":
             machine["gpu"] = torch.cuda.get_device_name(0)
         bench_allreduce.write_report(json_path, {

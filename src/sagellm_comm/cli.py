@@ -136,6 +136,8 @@ def _add_bench_kv(bsub: Any) -> None:
                    help="per-block checksums on the channel (default on)")
     k.add_argument("--window", type=int, default=None, help="chunks in flight (default: the channel's)")
     k.add_argument("--chunk-bytes", default=None, help="bytes per chunk, e.g. 8M (default: the channel's)")
+    k.add_argument("--ipc", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA caches: let the receiver copy through CUDA IPC (default: the channel's)")
     k.add_argument("--timeout", type=float, default=0.0,
                    help="seconds per transport before the workers are killed (default: from the bytes moved)")
     k.add_argument("--json", metavar="FILE", help="write every row, the settings and the machine info here")
@@ -328,7 +330,7 @@ def _bench_kv_settings(args: Any) -> Any:
         shape=bench_kv.Shape(args.layers, args.kv_heads, args.head_dim, args.block_size, args.dtype),
         tokens=tokens, codecs=_split(args.codec, bench_kv.CODECS, ["none"], "codec"),
         transports=transports or bench_transports.available_transports(), backend=args.backend,
-        device=args.device, iters=args.iters, ids=args.ids, checksum=args.checksum, window=args.window,
+        device=args.device, iters=args.iters, ids=args.ids, checksum=args.checksum, ipc=args.ipc, window=args.window,
         chunk_bytes=parse_sizes(args.chunk_bytes)[0] if args.chunk_bytes else None, timeout=args.timeout)
 
 

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..scheduler.engine import CONTROL_PRIORITY, Engine
 from ..scheduler.matching import Recv
-from . import ipc
+from . import ipc as cuda_ipc
 from .chunks import Chunk, ChunkSink, ChunkSource, chunk_blocks_for, plan
 from .codecs import get_codec
 from .layout import KVCache
@@ -192,11 +192,14 @@ class KVChannel:
     whatever the sender chose. window: chunks in flight per transfer (the
     receiver's memory bound with a codec or a CUDA cache: window x chunk_bytes).
     chunk_bytes: about how many wire bytes one chunk carries (at most one layer).
-    checksum: an xxh3-64 checksum per block row of every chunk, checked on arrival.
+    checksum: an xxh3-64 checksum per block row of every chunk, checked on arrival
+    (on the CUDA IPC path: a sum per block of source and copy, compared on the device).
+    ipc: as a receiver, copy straight out of a sender's CUDA cache on this host
+    through CUDA IPC where possible (False: always stream the chunks).
     """
 
     def __init__(self, comm: Communicator, cache: KVCache, *, name: str = "kv", codec: str | None = None,
-                 window: int = 4, chunk_bytes: int = 8 << 20, checksum: bool = True) -> None:
+                 window: int = 4, chunk_bytes: int = 8 << 20, checksum: bool = True, ipc: bool = True) -> None:
         if not isinstance(cache, KVCache):
             raise InvalidArgument(f"cache must be a sagellm_comm.kv.KVCache, got {type(cache).__name__}")
         if not isinstance(window, int) or window < 1:
@@ -212,10 +215,11 @@ class KVChannel:
         self.window = window
         self.chunk_bytes = chunk_bytes
         self.checksum = bool(checksum)
+        self.ipc = bool(ipc)
         self._busy: set[tuple[str, int, str]] = set()
         self.counters = dict.fromkeys(("transfers_sent", "transfers_received", "chunks_sent", "chunks_received",
                                        "bytes_sent", "bytes_received", "failed"), 0)
-        self._ipc_opened = ipc.OpenedHandles()
+        self._ipc_opened = cuda_ipc.OpenedHandles()
 
     def __repr__(self) -> str:
         return f"<KVChannel {self.name!r} on {self.comm!r} for {self.cache!r}>"
@@ -275,8 +279,8 @@ class KVChannel:
         source = ChunkSource(self.cache, ids, codec_name, self.checksum, chunk_blocks)  # after queued writes
         offer = Offer(nonce, str(request_id), layout.num_layers, layout.num_kv_heads, layout.head_dim,
                       layout.block_size, layout.dtype, len(ids), codec_name, chunk_blocks, self.checksum,
-                      ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu")
-        ready = ipc.describe_cache(offer, self.cache, source.stream) if self.cache.is_cuda else None
+                      cuda_ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu")
+        ready = cuda_ipc.describe_cache(offer, self.cache, source.stream) if self.cache.is_cuda else None
         if ready is not None:
             offer.block_ids = ids
         inbox = _Inbox(engine, peer, (ch, -1, TAG_TO_SENDER))
@@ -332,7 +336,8 @@ class KVChannel:
             engine.discard_channel(ch)
         self.counters["transfers_sent"] += 1
         return TransferStats(request_id, wire, 2 * len(ids) * layout.num_layers * layout.block_bytes,
-                             time.perf_counter() - t0, sent_at, codec_name, path, len(chunks) if wire else 0)
+                             time.perf_counter() - t0, sent_at, codec_name if path == "stream" else "none", path,
+                             len(chunks) if wire else 0)
 
     # -- receiving ----------------------------------------------------------------------------
     def receive(self, request_id: str | int, src: int, block_ids: Sequence[int], *,
@@ -408,10 +413,10 @@ class LayerStream:
             _check_offer(offer, chan.cache, ids, src, request_id)
             chunks = plan(layout.num_layers, len(ids), offer.chunk_blocks)
             last_of_layer = {c.layer: c.index for c in chunks}
-            opened = ipc.try_open(chan._ipc_opened, offer, chan.cache, peer)
+            opened = cuda_ipc.try_open(chan._ipc_opened, offer, chan.cache, peer) if chan.ipc else None
             if opened is not None:
                 await _notify(engine, peer, ch, Notice("accept", path="ipc"), clock)
-                copier = ipc.LayerCopier(opened, chan.cache, ids, offer.block_ids, offer.checksum, request_id,
+                copier = cuda_ipc.LayerCopier(opened, chan.cache, ids, offer.block_ids, offer.checksum, request_id,
                                          chan.comm.rank)
                 for layer in range(layout.num_layers):
                     _raise_if_ended(inbox, src, request_id)
@@ -421,6 +426,7 @@ class LayerStream:
                     self.layers_done = layer + 1
                     yield layer
                 wire, path, nchunks = 0, "ipc", 0
+                offer.codec = "none"  # copied as they are: nothing to gain from encoding on one host
             else:
                 sink = ChunkSink(chan.cache, ids, offer.codec, offer.checksum, offer.chunk_blocks, chan.window,
                                  request_id, chan.comm.rank)
@@ -439,7 +445,7 @@ class LayerStream:
                     wire += r.total
                     chan.counters["chunks_received"] += 1
                     chan.counters["bytes_received"] += r.total
-                    sink.land(c)
+                    await sink.land(c)
                     nxt = c.index + chan.window
                     if nxt < len(chunks):
                         posted[nxt] = engine.post(peer, (ch, -1, TAG_DATA), await sink.target(chunks[nxt]), None)

@@ -16,9 +16,11 @@ on the device, then copied through page-locked memory on a communication stream.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 import xxhash
 
@@ -50,6 +52,9 @@ def plan(num_layers: int, n_blocks: int, chunk_blocks: int) -> list[Chunk]:
     return out
 
 
+WORKERS = 2
+
+
 def chunk_blocks_for(encoded_block_bytes: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (2 * encoded_block_bytes))
 
@@ -71,14 +76,34 @@ def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def hash_rows(rows: Sequence[Any]) -> np.ndarray[Any, Any]:
-    return np.fromiter((xxhash.xxh3_64_intdigest(r) for r in rows), dtype=np.uint64, count=len(rows))
+_workers: ThreadPoolExecutor | None = None
 
 
-def check_rows(rows: Sequence[Any], trailer: np.ndarray[Any, Any], *, request: object, chunk: Chunk,
+def workers() -> ThreadPoolExecutor:
+    """Threads for checksums and CPU codecs: xxh3 and torch release the GIL, so they run beside the
+    event loop's transport copies instead of between them (measured: 2.2 -> 3.6 GB/s over shm here)."""
+    global _workers
+    if _workers is None:
+        _workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sagellm-kv")
+    return _workers
+
+
+async def result(fut: Future[Any]) -> Any:
+    """`fut`'s result, waiting without blocking the event loop."""
+    if not fut.done():
+        await anyio.to_thread.run_sync(fut.result)
+    return fut.result()
+
+
+def hash_rows(rows: Sequence[Any], out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    for j, r in enumerate(rows):
+        out[j] = xxhash.xxh3_64_intdigest(r)
+    return out
+
+
+def check_rows(got: np.ndarray[Any, Any], trailer: np.ndarray[Any, Any], *, request: object, chunk: Chunk,
                dst_ids: Sequence[int], rank: int) -> None:
     """Raise KVChecksumError naming the first row whose bytes differ from the sender's checksum."""
-    got = hash_rows(rows)
     bad = np.flatnonzero(got != trailer)
     if not len(bad):
         return
@@ -179,19 +204,17 @@ class ChunkSource:
             self.slots.append(Staging(self.max_blocks, self.enc, pinned=self.cache.is_cuda))
         return self.slots[i]
 
-    def prepare(self, chunk: Chunk) -> Any:
-        """Queue device work for `chunk` (CUDA caches); returns what `ready` needs."""
-        if self.inplace:
-            return None
-        torch = _torch()
+    def prepare(self, chunk: Chunk) -> Future[Pieces]:
+        """Start making `chunk`'s message: device work is queued here, CPU work goes to a thread."""
+        ids = self.ids[chunk.start : chunk.stop]
+        if self.rows is not None:
+            return workers().submit(self._inplace, chunk.layer, ids)
         slot = self._slot(chunk)
-        idx = self.idx[chunk.start : chunk.stop]
-        n = chunk.n
-        layer = chunk.layer
         if not self.cache.is_cuda:
-            self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[0, :n])
-            self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[1, :n])
-            return None
+            return workers().submit(self._encoded, chunk, slot)
+        torch = _torch()
+        idx = self.idx[chunk.start : chunk.stop]
+        n, layer = chunk.n, chunk.layer
         with torch.cuda.stream(self.stream):
             d = self.dstage
             self.codec.encode(self.cache.key(layer).index_select(0, idx), d[0, :n])
@@ -199,20 +222,34 @@ class ChunkSource:
             slot.t[:, :n].copy_(d[:, :n], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        return ev
+        return workers().submit(self._copied, ev, n, slot)
 
-    async def ready(self, chunk: Chunk, token: Any) -> Pieces:
-        """The message of `chunk`, once its bytes are in host memory, with its checksums."""
-        ids = self.ids[chunk.start : chunk.stop]
-        if self.rows is not None:
-            trailer = hash_rows(self.rows.row_views(chunk.layer, ids)) if self.checksum else None
-            return self.rows.pieces(chunk.layer, ids, trailer)
-        if token is not None:
-            await device.wait_event(token, key="kv d2h")
-        slot = self._slot(chunk)
+    async def ready(self, chunk: Chunk, token: Future[Pieces]) -> Pieces:
+        """The message of `chunk` (from `prepare`), once its bytes are in host memory and checksummed."""
+        return await result(token)  # type: ignore[no-any-return]
+
+    def _inplace(self, layer: int, ids: list[int]) -> Pieces:
+        assert self.rows is not None
+        trailer = None
         if self.checksum:
-            slot.trailer[: 2 * chunk.n] = hash_rows(slot.rows(chunk.n))
-        return slot.pieces(chunk.n, self.checksum)
+            trailer = hash_rows(self.rows.row_views(layer, ids), np.empty(2 * len(ids), dtype=np.uint64))
+        return self.rows.pieces(layer, ids, trailer)
+
+    def _encoded(self, chunk: Chunk, slot: Staging) -> Pieces:
+        idx = self.idx[chunk.start : chunk.stop]
+        n, layer = chunk.n, chunk.layer
+        self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[0, :n])
+        self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[1, :n])
+        return self._hashed(n, slot)
+
+    def _copied(self, ev: Any, n: int, slot: Staging) -> Pieces:
+        ev.synchronize()  # in a worker thread: the loop goes on sending the previous chunk
+        return self._hashed(n, slot)
+
+    def _hashed(self, n: int, slot: Staging) -> Pieces:
+        if self.checksum:
+            hash_rows(slot.rows(n), slot.trailer[: 2 * n])
+        return slot.pieces(n, self.checksum)
 
 
 class ChunkSink:
@@ -232,7 +269,7 @@ class ChunkSink:
         self.rank = rank
         self.max_blocks = min(chunk_blocks, len(ids))
         self.slots: list[Staging] = []
-        self.trailers: dict[int, np.ndarray[Any, Any]] = {}
+        self.trailers: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where its checksums land
         self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
         torch = _torch()
         self.stream: Any = None
@@ -253,8 +290,9 @@ class ChunkSink:
     async def target(self, chunk: Chunk) -> Pieces:
         """Memory to post the receive of `chunk` into (its staging slot is free once this returns)."""
         ids = self.ids[chunk.start : chunk.stop]
+        n = chunk.n
         if self.rows is not None:
-            trailer = np.empty(2 * chunk.n, dtype=np.uint64) if self.checksum else None
+            trailer = np.empty(2 * n, dtype=np.uint64) if self.checksum else None
             if trailer is not None:
                 self.trailers[chunk.index] = trailer
             return self.rows.pieces(chunk.layer, ids, trailer)
@@ -262,45 +300,57 @@ class ChunkSink:
         if slot.h2d_done is not None:  # the slot's previous chunk is still being copied to the device
             await device.wait_event(slot.h2d_done, key="kv h2d")
             slot.h2d_done = None
-        return slot.pieces(chunk.n, self.checksum)
+        return slot.pieces(n, self.checksum)
 
-    def land(self, chunk: Chunk) -> None:
-        """Verify `chunk`'s checksums and write it into the cache (queued, for a CUDA cache)."""
-        ids = self.ids[chunk.start : chunk.stop]
-        if self.rows is not None:
-            trailer = self.trailers.pop(chunk.index, None)
-            if trailer is not None:
-                check_rows(self.rows.row_views(chunk.layer, ids), trailer, request=self.request, chunk=chunk,
-                           dst_ids=ids, rank=self.rank)
+    async def land(self, chunk: Chunk) -> None:
+        """Verify `chunk`'s checksums and write it into the cache (queued, for a CUDA cache).
+
+        The CPU part runs in a worker thread, while the next chunks keep landing.
+        """
+        slot = None if self.rows is not None else self._slot(chunk)
+        await result(workers().submit(self._check_and_decode, chunk, slot))
+        if slot is None or not self.cache.is_cuda:
             return
-        slot = self._slot(chunk)
-        n = chunk.n
-        if self.checksum:
-            check_rows(slot.rows(n), slot.trailer[: 2 * n], request=self.request, chunk=chunk, dst_ids=ids,
-                       rank=self.rank)
         torch = _torch()
+        n = chunk.n
         idx = self.idx[chunk.start : chunk.stop]
-        k, v = self.cache.key(chunk.layer), self.cache.value(chunk.layer)
         shape = (n, *self.cache.layout.block_shape)
-        if not self.cache.is_cuda:
-            for dst, part in ((k, 0), (v, 1)):
-                tmp = torch.empty(shape, dtype=dst.dtype)
-                self.codec.decode(slot.t[part, :n], tmp)
-                dst.index_copy_(0, idx, tmp)
-            return
         with torch.cuda.stream(self.stream):
             d = self.dstage
             d[:, :n].copy_(slot.t[:, :n], non_blocking=True)
             h2d = torch.cuda.Event()
             h2d.record(self.stream)
             slot.h2d_done = h2d
-            for dst, part in ((k, 0), (v, 1)):
+            for dst, part in ((self.cache.key(chunk.layer), 0), (self.cache.value(chunk.layer), 1)):
                 tmp = torch.empty(shape, dtype=dst.dtype, device=dst.device)
                 self.codec.decode(d[part, :n], tmp)
                 dst.index_copy_(0, idx, tmp)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.pending[chunk.layer] = done
+
+    def _check_and_decode(self, chunk: Chunk, slot: Staging | None) -> None:
+        ids = self.ids[chunk.start : chunk.stop]
+        n = chunk.n
+        if slot is None:
+            assert self.rows is not None
+            trailer = self.trailers.pop(chunk.index, None)
+            if trailer is not None:
+                got = hash_rows(self.rows.row_views(chunk.layer, ids), np.empty(2 * n, dtype=np.uint64))
+                check_rows(got, trailer, request=self.request, chunk=chunk, dst_ids=ids, rank=self.rank)
+            return
+        if self.checksum:
+            got = hash_rows(slot.rows(n), np.empty(2 * n, dtype=np.uint64))
+            check_rows(got, slot.trailer[: 2 * n], request=self.request, chunk=chunk, dst_ids=ids, rank=self.rank)
+        if self.cache.is_cuda:
+            return
+        torch = _torch()
+        idx = self.idx[chunk.start : chunk.stop]
+        shape = (n, *self.cache.layout.block_shape)
+        for dst, part in ((self.cache.key(chunk.layer), 0), (self.cache.value(chunk.layer), 1)):
+            tmp = torch.empty(shape, dtype=dst.dtype)
+            self.codec.decode(slot.t[part, :n], tmp)
+            dst.index_copy_(0, idx, tmp)
 
     async def layer_done(self, layer: int) -> None:
         """Return once every write of `layer` into the cache has finished (CUDA: on the device)."""

@@ -13,7 +13,7 @@ local maximum alone (x a value, x' its decoded value, amax its (block, head) max
   e4m3's subnormals (values under 2^-6 scale). So |x - x'| <= amax / 16.
 - int8, symmetric, round to nearest: scale = amax / 127, |x - x'| <= scale / 2 = amax / 254.
 
-Decoding rounds once more into the cache's dtype (bf16: 2^-9 |x|). A head of zeros
+Decoding rounds once more into the cache's dtype (bf16: 2^-8 |x|). A head of zeros
 decodes to exact zeros. Inputs must be finite: an inf or NaN spoils its head's scale.
 
 The scales cost 4 bytes per (block, head): for bf16 at block 16, 8 kv heads, head
@@ -100,7 +100,7 @@ class ScaledCodec(Codec):
 
     @abstractmethod
     def _dequantize(self, raw: Any) -> tuple[Any, float]:
-        """float32 values of the uint8 codes `raw`, and the factor the scales must be multiplied by."""
+        """The uint8 codes `raw` as a tensor of exactly their values / factor (float32 or narrower), and factor."""
 
     def encoded_block_bytes(self, layout: KVLayout) -> int:
         if layout.dtype not in _QUANTIZABLE:
@@ -131,10 +131,10 @@ class ScaledCodec(Codec):
             return
         elems = bs * heads * dim
         scales = _from_le_bytes(encoded[:, elems:])
-        x, factor = self._dequantize(encoded[:, :elems].view(n, bs, heads, dim))
+        q, factor = self._dequantize(encoded[:, :elems].view(n, bs, heads, dim))
         if factor != 1.0:
-            scales.mul_(factor)  # a power of two: exact, so the product below still rounds once
-        out.copy_(x.mul_(scales[:, None, :, None]))
+            scales.mul_(factor)  # a power of two: exact, so q * scale is the same float32 product
+        _torch().mul(q, scales[:, None, :, None], out=out)  # computed in float32, then cast into out's dtype
 
     def _check_dtype(self, op: str, t: Any, what: str) -> None:
         _check_blocks(self.name, op, t, what)
@@ -152,14 +152,14 @@ class Fp8Codec(ScaledCodec):
 
     def _quantize(self, x: Any, out: Any) -> None:
         torch = _torch()
-        x.clamp_(-self.qmax, self.qmax)  # x/scale can land a rounding step past 448, which the cast makes NaN
+        x.clamp_(-self.qmax, self.qmax)  # a guard: x/scale is within a rounding step of 448; the cast NaNs >= 464
         out.view(torch.float8_e4m3fn).copy_(x)  # the cast rounds to nearest even
 
     def _dequantize(self, raw: Any) -> tuple[Any, float]:
         torch = _torch()
         if raw.device.type != "cpu":
             return raw.view(torch.float8_e4m3fn).to(torch.float32), 1.0
-        return e4m3_as_float16(raw).to(torch.float32), 256.0
+        return e4m3_as_float16(raw), 256.0
 
 
 class Int8Codec(ScaledCodec):
@@ -174,22 +174,22 @@ class Int8Codec(ScaledCodec):
         out.view(torch.int8).copy_(x)
 
     def _dequantize(self, raw: Any) -> tuple[Any, float]:
-        torch = _torch()
-        return raw.view(torch.int8).to(torch.float32), 1.0
+        return raw.view(_torch().int8), 1.0
 
 
 def e4m3_as_float16(raw: Any) -> Any:
     """The e4m3fn codes `raw` (uint8) as float16 values exactly 2^8 times smaller, by moving bits.
 
-    CPU torch converts float8 one element at a time, about 4x slower than these
-    integer ops. The code s.eeee.mmm placed into float16's s.eeeee.mmmmmmmmmm as
-    s.0eeee.mmm0000000 keeps its mantissa and lowers its exponent by 15 - 7 = 8;
-    subnormals too, since both formats' subnormals are the mantissa times their
-    smallest step. The NaN codes (never written) come out finite.
+    CPU torch converts float8 one element at a time, several times slower than
+    these three integer passes. The code s.eeee.mmm placed into float16's
+    s.eeeee.mmmmmmmmmm as s.0eeee.mmm0000000 keeps its mantissa and lowers its
+    exponent by 15 - 7 = 8; subnormals too, since both formats' subnormals are the
+    mantissa times their smallest step. Read as int8 and widened, the code's sign
+    fills the high byte; times 2^7 it lands in place with bit 14 set for negative
+    codes, which the mask 0xBF80 clears. The NaN codes (never written) come out finite.
     """
     torch = _torch()
-    i = raw.to(torch.int16)
-    bits = (i & 0x7F).mul_(1 << 7).bitwise_or_((i & 0x80).mul_(1 << 8))
+    bits = raw.view(torch.int8).to(torch.int16).mul_(1 << 7).bitwise_and_(0xBF80 - (1 << 16))
     return bits.view(torch.float16)
 
 
@@ -202,7 +202,9 @@ def _scales(x: Any, qmax: float) -> Any:
     torch = _torch()
     dims = (1, 3)
     amax = torch.maximum(x.amax(dim=dims), x.amin(dim=dims).neg_())  # on CPU faster than abs() then amax
-    return amax.div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
+    # qmax as a tensor: CUDA divides by a Python number as a multiply by its rounded reciprocal, and the
+    # scales (so the bytes on the wire) would then differ from those a CPU sender writes
+    return amax.div_(amax.new_full((), qmax)).clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 def _le_bytes(scales: Any) -> Any:

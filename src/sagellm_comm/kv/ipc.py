@@ -65,7 +65,8 @@ def describe_cache(offer: Offer, cache: KVCache, stream: Any) -> Any:
                 if ptr not in allocations:
                     (dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = storage._share_cuda_()
                     allocations[ptr] = len(offer.ipc)
-                    offer.ipc.append(IpcHandle(f"{_uuid(dev)}:{bytes(handle).hex()}", dev, bytes(handle), size,
+                    key = f"{_uuid(dev)}:{bytes(handle).hex()}:{offset}:{size}"  # one segment holds many storages
+                    offer.ipc.append(IpcHandle(key, dev, bytes(handle), size,
                                                offset, bytes(rc_handle), rc_offset, bytes(ev_handle or b""),
                                                bool(ev_sync)))
                 out.append(IpcTensor(allocations[ptr], t.storage_offset() * t.element_size()))

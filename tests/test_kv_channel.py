@@ -254,11 +254,20 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
     src = filled(LAYOUT, 16, seed=9)
     dst = kv.KVCache.allocate(LAYOUT, 16)
     real = chunks.ChunkSource.ready
+    flipped: list[bool] = []
 
     async def corrupting(self: chunks.ChunkSource, chunk: chunks.Chunk, token: Any) -> Any:
-        msg = await real(self, chunk, token)  # checksums taken; now a bit flips before the bytes leave
+        msg = await real(self, chunk, token)
         if chunk.layer == 2:
-            self.cache.value(2)[SRC_IDS[4]].view(torch.int16)[1, 1, 3] ^= 0x10
+            hasher = msg.watch  # checksums are taken as the bytes go out; flip a bit right after its row's
+
+            def watch(start: int, end: int) -> None:
+                hasher(start, end)
+                if hasher.done > chunk.n + 4 and not flipped:
+                    flipped.append(True)
+                    self.cache.value(2)[SRC_IDS[4]].view(torch.int16)[1, 1, 3] ^= 0x10
+
+            msg.watch = watch
         return msg
 
     monkeypatch.setattr(chunks.ChunkSource, "ready", corrupting)

@@ -167,11 +167,11 @@ class _Rank:
 
     # -- the raw transport ---------------------------------------------------------------------
     def raw_buffer(self, tokens: int) -> Any:
-        """Sender: one layer's bytes (sent once per layer); receiver: every layer's, one row each."""
+        """Every layer's bytes, one row each, on both sides: the sender reads as much distinct memory as a
+        KV transfer does (one row sent 32 times would be read from the CPU's cache and flatter the peer)."""
         per_layer = self.shape.raw_bytes(tokens) // self.shape.num_layers
-        rows = 1 if self.rank == 0 else self.shape.num_layers
-        buf = self.torch.full((rows, per_layer), 7 if self.rank == 0 else 0, dtype=self.torch.uint8,
-                              device=self.device)
+        buf = self.torch.full((self.shape.num_layers, per_layer), 7 if self.rank == 0 else 0,
+                              dtype=self.torch.uint8, device=self.device)
         self._sync()
         return buf
 
@@ -181,7 +181,7 @@ class _Rank:
         if self.rank == 0:
             await self.comm.barrier()
             for layer in range(layers):
-                await self.comm.send(buf[0], 1, tag=RAW_TAG + layer)
+                await self.comm.send(buf[layer], 1, tag=RAW_TAG + layer)
             return 0.0, 0.0
         self._mark(buf)
         t0 = [0.0]

@@ -310,9 +310,12 @@ class Pieces:
     cross a piece boundary (`window`), so transports see ordinary memoryviews.
     """
 
-    __slots__ = ("_ends", "_views", "nbytes")
+    __slots__ = ("_ends", "_views", "nbytes", "watch")
 
-    def __init__(self, views: Sequence[memoryview]) -> None:
+    def __init__(self, views: Sequence[memoryview], watch: Callable[[int, int], None] | None = None) -> None:
+        # watch(start, end): called just before bytes [start, end) are sent, or just after they landed, so
+        # the owner can checksum them while they are in the CPU's cache
+        self.watch = watch
         self._views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views if len(v)]
         self._ends: list[int] = []
         total = 0

@@ -38,7 +38,7 @@ from ..errors import (
 from ..scheduler.engine import CONTROL_PRIORITY, Engine
 from ..scheduler.matching import Recv
 from . import ipc as cuda_ipc
-from .chunks import Chunk, ChunkSink, ChunkSource, chunk_blocks_for, plan
+from .chunks import ChannelMemory, Chunk, ChunkSink, ChunkSource, chunk_blocks_for, plan
 from .codecs import get_codec
 from .layout import KVCache
 from .protocol import (
@@ -220,6 +220,8 @@ class KVChannel:
         self.counters = dict.fromkeys(("transfers_sent", "transfers_received", "chunks_sent", "chunks_received",
                                        "bytes_sent", "bytes_received", "failed"), 0)
         self._ipc_opened = cuda_ipc.OpenedHandles()
+        self._ipc_shared: cuda_ipc.Shared | None = None  # this cache's IPC handles, made on the first CUDA send
+        self._memory = ChannelMemory(cache)
 
     def __repr__(self) -> str:
         return f"<KVChannel {self.name!r} on {self.comm!r} for {self.cache!r}>"
@@ -276,13 +278,15 @@ class KVChannel:
         base = self._base(key)
         ch = f"{base}|{nonce:x}"
         t0 = time.perf_counter()
-        source = ChunkSource(self.cache, ids, codec_name, self.checksum, chunk_blocks)  # after queued writes
+        source = ChunkSource(self._memory, ids, codec_name, self.checksum, chunk_blocks)  # after queued writes
         offer = Offer(nonce, str(request_id), layout.num_layers, layout.num_kv_heads, layout.head_dim,
                       layout.block_size, layout.dtype, len(ids), codec_name, chunk_blocks, self.checksum,
                       cuda_ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu")
-        ready = cuda_ipc.describe_cache(offer, self.cache, source.stream) if self.cache.is_cuda else None
-        if ready is not None:
-            offer.block_ids = ids
+        ready = None
+        if self.cache.is_cuda:
+            if self._ipc_shared is None:
+                self._ipc_shared = cuda_ipc.share(self.cache)
+            ready = cuda_ipc.offer_ipc(offer, self._ipc_shared, source.stream, ids)
         inbox = _Inbox(engine, peer, (ch, -1, TAG_TO_SENDER))
         wire = 0
         sent_at = 0.0
@@ -332,7 +336,9 @@ class KVChannel:
                 engine.notify(peer, (ch, -1, TAG_TO_RECEIVER), pack(_failure_notice(e), NOTICE_BYTES))
             raise
         finally:
+            del ready  # the IPC event the receiver waited on lives until here
             inbox.close()
+            source.close()
             engine.discard_channel(ch)
         self.counters["transfers_sent"] += 1
         return TransferStats(request_id, wire, 2 * len(ids) * layout.num_layers * layout.block_bytes,
@@ -402,6 +408,7 @@ class LayerStream:
         offer_recv = engine.post(peer, (chan._base(key), -1, TAG_OFFER), memoryview(bytearray(OFFER_BYTES)), None)
         ch: str | None = None
         inbox: _Inbox | None = None
+        sink: ChunkSink | None = None
         posted: dict[int, Recv] = {}
         try:
             await clock.wait(offer_recv)
@@ -428,7 +435,7 @@ class LayerStream:
                 wire, path, nchunks = 0, "ipc", 0
                 offer.codec = "none"  # copied as they are: nothing to gain from encoding on one host
             else:
-                sink = ChunkSink(chan.cache, ids, offer.codec, offer.checksum, offer.chunk_blocks, chan.window,
+                sink = ChunkSink(chan._memory, ids, offer.codec, offer.checksum, offer.chunk_blocks, chan.window,
                                  request_id, chan.comm.rank)
                 for c in chunks[: chan.window]:
                     posted[c.index] = engine.post(peer, (ch, -1, TAG_DATA), await sink.target(c), None)
@@ -475,6 +482,8 @@ class LayerStream:
                 engine.cancel(r)
             if inbox is not None:
                 inbox.close()
+            if sink is not None:
+                sink.close()
             if ch is not None:
                 engine.discard_channel(ch)
             chan._busy.discard(slot)

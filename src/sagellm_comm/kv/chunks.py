@@ -95,6 +95,33 @@ async def result(fut: Future[Any]) -> Any:
     return fut.result()
 
 
+class RowHasher:
+    """Checksums of a message's rows, taken as the engine sends or receives their bytes.
+
+    Hashing a row just before its bytes go out, or just after they land, reads
+    them from the CPU's cache (xxh3 runs at ~90-130 GB/s there against ~30 from
+    memory), and on the sending side leaves them in cache for the copy.
+    """
+
+    def __init__(self, rows: Sequence[Any], row_bytes: int, out: np.ndarray[Any, Any], *, ahead: bool) -> None:
+        self.rows = rows
+        self.row_bytes = row_bytes
+        self.out = out
+        self.ahead = ahead  # sender: hash every row the window touches; receiver: only rows complete
+        self.done = 0
+
+    def __call__(self, start: int, end: int) -> None:
+        upto = -(-end // self.row_bytes) if self.ahead else end // self.row_bytes
+        upto = min(upto, len(self.rows))
+        if upto > self.done:
+            hash_rows(self.rows[self.done : upto], self.out[self.done : upto])
+            self.done = upto
+
+    def finish(self) -> np.ndarray[Any, Any]:
+        self(0, len(self.rows) * self.row_bytes)
+        return self.out
+
+
 def hash_rows(rows: Sequence[Any], out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     for j, r in enumerate(rows):
         out[j] = xxhash.xxh3_64_intdigest(r)
@@ -152,6 +179,8 @@ class Staging:
 
     def __init__(self, max_blocks: int, encoded_block_bytes: int, pinned: bool) -> None:
         torch = _torch()
+        self.blocks = max_blocks
+        self.enc = encoded_block_bytes
         self.t = torch.empty((2, max_blocks, encoded_block_bytes), dtype=torch.uint8, pin_memory=pinned)
         self.np = self.t.numpy()
         self.trailer = np.empty(2 * max_blocks, dtype=np.uint64)
@@ -167,6 +196,42 @@ class Staging:
         return Pieces(views)
 
 
+class ChannelMemory:
+    """Buffers a channel keeps across transfers: pinning host memory and allocating device staging
+    take milliseconds, longer than a chunk takes to move."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self._rows: BlockRows | None = None
+        self._free: dict[tuple[int, int], list[Staging]] = {}
+        self._dstage: dict[tuple[int, int], Any] = {}
+
+    def rows(self) -> BlockRows:
+        if self._rows is None:
+            self._rows = BlockRows(self.cache)
+        return self._rows
+
+    def acquire(self, blocks: int, enc: int) -> Staging:
+        free = self._free.get((blocks, enc))
+        return free.pop() if free else Staging(blocks, enc, pinned=self.cache.is_cuda)
+
+    def release(self, slots: list[Staging]) -> None:
+        for s in slots:
+            free = self._free.setdefault((s.blocks, s.enc), [])
+            if len(free) < 8:
+                free.append(s)
+
+    def dstage(self, blocks: int, enc: int) -> Any:
+        """Device rows for gathering/encoding: shared by every transfer, whose device work is ordered on
+        the one communication stream, so one never overwrites rows another still reads."""
+        t = self._dstage.get((blocks, enc))
+        if t is None:
+            torch = _torch()
+            t = self._dstage[(blocks, enc)] = torch.empty((2, blocks, enc), dtype=torch.uint8,
+                                                          device=self.cache.device)
+        return t
+
+
 class ChunkSource:
     """The sender's side: `prepare(chunk)` starts making its bytes, `ready(...)` gives the message.
 
@@ -177,38 +242,45 @@ class ChunkSource:
 
     lookahead = 2
 
-    def __init__(self, cache: KVCache, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int) -> None:
+    def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool,
+                 chunk_blocks: int) -> None:
+        cache = memory.cache
+        self.memory = memory
         self.cache = cache
         self.ids = ids
         self.codec = get_codec(codec_name)
         self.checksum = checksum
         self.enc = self.codec.encoded_block_bytes(cache.layout)
         self.inplace = not cache.is_cuda and self.codec.name == "none"
-        self.rows = BlockRows(cache) if self.inplace else None
+        self.rows = memory.rows() if self.inplace else None
         self.slots: list[Staging] = []
-        self.max_blocks = min(chunk_blocks, len(ids))
+        self.chunk_blocks = chunk_blocks
         self.stream: Any = None
         self.idx: Any = None
         if cache.is_cuda:
             torch = _torch()
             self.stream = device.comm_stream(cache.device, 0)
             self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the writer's queued kernels
-            self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
-            self.dstage = torch.empty((2, self.max_blocks, self.enc), dtype=torch.uint8, device=cache.device)
-        elif not self.inplace:
-            self.idx = _torch().tensor(ids, dtype=_torch().long)
+        if not self.inplace:
+            self.idx = _torch().tensor(ids, dtype=_torch().long, device=cache.device)
 
     def _slot(self, chunk: Chunk) -> Staging:
         i = chunk.index % (self.lookahead + 1)
         while len(self.slots) <= i:
-            self.slots.append(Staging(self.max_blocks, self.enc, pinned=self.cache.is_cuda))
+            self.slots.append(self.memory.acquire(self.chunk_blocks, self.enc))
         return self.slots[i]
+
+    def close(self) -> None:
+        self.memory.release(self.slots)
+        self.slots = []
 
     def prepare(self, chunk: Chunk) -> Future[Pieces]:
         """Start making `chunk`'s message: device work is queued here, CPU work goes to a thread."""
         ids = self.ids[chunk.start : chunk.stop]
         if self.rows is not None:
-            return workers().submit(self._inplace, chunk.layer, ids)
+            done: Future[Pieces] = Future()  # checksums are taken as the bytes go out: nothing to wait for
+            done.set_result(self._inplace(chunk.layer, ids))
+            return done
         slot = self._slot(chunk)
         if not self.cache.is_cuda:
             return workers().submit(self._encoded, chunk, slot)
@@ -216,7 +288,7 @@ class ChunkSource:
         idx = self.idx[chunk.start : chunk.stop]
         n, layer = chunk.n, chunk.layer
         with torch.cuda.stream(self.stream):
-            d = self.dstage
+            d = self.memory.dstage(self.chunk_blocks, self.enc)
             self.codec.encode(self.cache.key(layer).index_select(0, idx), d[0, :n])
             self.codec.encode(self.cache.value(layer).index_select(0, idx), d[1, :n])
             slot.t[:, :n].copy_(d[:, :n], non_blocking=True)
@@ -230,10 +302,12 @@ class ChunkSource:
 
     def _inplace(self, layer: int, ids: list[int]) -> Pieces:
         assert self.rows is not None
-        trailer = None
-        if self.checksum:
-            trailer = hash_rows(self.rows.row_views(layer, ids), np.empty(2 * len(ids), dtype=np.uint64))
-        return self.rows.pieces(layer, ids, trailer)
+        if not self.checksum:
+            return self.rows.pieces(layer, ids, None)
+        trailer = np.empty(2 * len(ids), dtype=np.uint64)
+        pieces = self.rows.pieces(layer, ids, trailer)
+        pieces.watch = RowHasher(self.rows.row_views(layer, ids), self.enc, trailer, ahead=True)
+        return pieces
 
     def _encoded(self, chunk: Chunk, slot: Staging) -> Pieces:
         idx = self.idx[chunk.start : chunk.stop]
@@ -255,37 +329,43 @@ class ChunkSource:
 class ChunkSink:
     """The receiver's side: where chunk `i` lands (`target`), and writing it into the cache (`land`)."""
 
-    def __init__(self, cache: KVCache, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int,
+    def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int,
                  window: int, request: object, rank: int) -> None:
+        cache = memory.cache
+        self.memory = memory
         self.cache = cache
         self.ids = ids
         self.codec = get_codec(codec_name)
         self.checksum = checksum
         self.enc = self.codec.encoded_block_bytes(cache.layout)
         self.inplace = not cache.is_cuda and self.codec.name == "none"
-        self.rows = BlockRows(cache) if self.inplace else None
+        self.rows = memory.rows() if self.inplace else None
         self.window = window
         self.request = request
         self.rank = rank
-        self.max_blocks = min(chunk_blocks, len(ids))
+        self.chunk_blocks = chunk_blocks
         self.slots: list[Staging] = []
         self.trailers: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where its checksums land
+        self.hashers: dict[int, RowHasher] = {}
         self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
         torch = _torch()
         self.stream: Any = None
+        self.idx: Any = None
         if cache.is_cuda:
             self.stream = device.comm_stream(cache.device, 0)
             self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the owner's queued reads
+        if not self.inplace:
             self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
-            self.dstage = torch.empty((2, self.max_blocks, self.enc), dtype=torch.uint8, device=cache.device)
-        elif not self.inplace:
-            self.idx = torch.tensor(ids, dtype=torch.long)
 
     def _slot(self, chunk: Chunk) -> Staging:
         i = chunk.index % self.window
         while len(self.slots) <= i:
-            self.slots.append(Staging(self.max_blocks, self.enc, pinned=self.cache.is_cuda))
+            self.slots.append(self.memory.acquire(self.chunk_blocks, self.enc))
         return self.slots[i]
+
+    def close(self) -> None:
+        self.memory.release(self.slots)
+        self.slots = []
 
     async def target(self, chunk: Chunk) -> Pieces:
         """Memory to post the receive of `chunk` into (its staging slot is free once this returns)."""
@@ -295,7 +375,12 @@ class ChunkSink:
             trailer = np.empty(2 * n, dtype=np.uint64) if self.checksum else None
             if trailer is not None:
                 self.trailers[chunk.index] = trailer
-            return self.rows.pieces(chunk.layer, ids, trailer)
+            pieces = self.rows.pieces(chunk.layer, ids, trailer)
+            if trailer is not None:
+                h = RowHasher(self.rows.row_views(chunk.layer, ids), self.enc, np.empty(2 * n, np.uint64), ahead=False)
+                self.hashers[chunk.index] = h
+                pieces.watch = h
+            return pieces
         slot = self._slot(chunk)
         if slot.h2d_done is not None:  # the slot's previous chunk is still being copied to the device
             await device.wait_event(slot.h2d_done, key="kv h2d")
@@ -308,7 +393,10 @@ class ChunkSink:
         The CPU part runs in a worker thread, while the next chunks keep landing.
         """
         slot = None if self.rows is not None else self._slot(chunk)
-        await result(workers().submit(self._check_and_decode, chunk, slot))
+        if slot is None:  # in place: checksums were taken as the bytes landed
+            self._check_and_decode(chunk, None)
+        else:
+            await result(workers().submit(self._check_and_decode, chunk, slot))
         if slot is None or not self.cache.is_cuda:
             return
         torch = _torch()
@@ -316,7 +404,7 @@ class ChunkSink:
         idx = self.idx[chunk.start : chunk.stop]
         shape = (n, *self.cache.layout.block_shape)
         with torch.cuda.stream(self.stream):
-            d = self.dstage
+            d = self.memory.dstage(self.chunk_blocks, self.enc)
             d[:, :n].copy_(slot.t[:, :n], non_blocking=True)
             h2d = torch.cuda.Event()
             h2d.record(self.stream)
@@ -335,8 +423,9 @@ class ChunkSink:
         if slot is None:
             assert self.rows is not None
             trailer = self.trailers.pop(chunk.index, None)
-            if trailer is not None:
-                got = hash_rows(self.rows.row_views(chunk.layer, ids), np.empty(2 * n, dtype=np.uint64))
+            hasher = self.hashers.pop(chunk.index, None)
+            if trailer is not None and hasher is not None:
+                got = hasher.finish()
                 check_rows(got, trailer, request=self.request, chunk=chunk, dst_ids=ids, rank=self.rank)
             return
         if self.checksum:

@@ -100,7 +100,7 @@ class ScaledCodec(Codec):
 
     @abstractmethod
     def _dequantize(self, raw: Any) -> tuple[Any, float]:
-        """The uint8 codes `raw` as a tensor of exactly their values / factor (float32 or narrower), and factor."""
+        """The uint8 codes `raw` as float32 values exactly factor times smaller, and that factor."""
 
     def encoded_block_bytes(self, layout: KVLayout) -> int:
         if layout.dtype not in _QUANTIZABLE:
@@ -131,10 +131,11 @@ class ScaledCodec(Codec):
             return
         elems = bs * heads * dim
         scales = _from_le_bytes(encoded[:, elems:])
-        q, factor = self._dequantize(encoded[:, :elems].view(n, bs, heads, dim))
+        x, factor = self._dequantize(encoded[:, :elems].view(n, bs, heads, dim))
         if factor != 1.0:
-            scales.mul_(factor)  # a power of two: exact, so q * scale is the same float32 product
-        _torch().mul(q, scales[:, None, :, None], out=out)  # computed in float32, then cast into out's dtype
+            scales.mul_(factor)  # a power of two: exact, so x * scale is the same float32 product
+        # one dtype per op: CPU torch runs mixed-dtype elementwise ops (int8 * float32 -> bf16) unvectorized
+        out.copy_(x.mul_(scales[:, None, :, None]))
 
     def _check_dtype(self, op: str, t: Any, what: str) -> None:
         _check_blocks(self.name, op, t, what)
@@ -159,7 +160,7 @@ class Fp8Codec(ScaledCodec):
         torch = _torch()
         if raw.device.type != "cpu":
             return raw.view(torch.float8_e4m3fn).to(torch.float32), 1.0
-        return e4m3_as_float16(raw), 256.0
+        return e4m3_as_float16(raw).to(torch.float32), 256.0
 
 
 class Int8Codec(ScaledCodec):
@@ -174,7 +175,8 @@ class Int8Codec(ScaledCodec):
         out.view(torch.int8).copy_(x)
 
     def _dequantize(self, raw: Any) -> tuple[Any, float]:
-        return raw.view(_torch().int8), 1.0
+        torch = _torch()
+        return raw.view(torch.int8).to(torch.float32), 1.0
 
 
 def e4m3_as_float16(raw: Any) -> Any:

@@ -50,34 +50,54 @@ def _uuid(index: int) -> str:
     return str(_torch().cuda.get_device_properties(index).uuid)
 
 
-def describe_cache(offer: Offer, cache: KVCache, stream: Any) -> Any:
-    """Put the IPC handles of `cache` and an event after `stream`'s queued work into `offer`.
+class Shared:
+    """A cache's allocations as IPC handles, made once per channel (sharing costs milliseconds)."""
 
-    Returns the event: the caller keeps it alive until the receiver is done.
-    """
-    torch = _torch()
+    def __init__(self, ipc: list[IpcHandle], keys: list[IpcTensor], values: list[IpcTensor]) -> None:
+        self.ipc = ipc
+        self.keys = keys
+        self.values = values
+
+
+def share(cache: KVCache) -> Shared:
+    """The IPC handles of `cache`'s allocations; an empty `Shared` where CUDA IPC is not available."""
+    out = Shared([], [], [])
     try:
         allocations: dict[int, int] = {}
         for layer in range(cache.layout.num_layers):
-            for t, out in ((cache.key(layer), offer.keys), (cache.value(layer), offer.values)):
+            for t, where in ((cache.key(layer), out.keys), (cache.value(layer), out.values)):
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
                 if ptr not in allocations:
                     (dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = storage._share_cuda_()
-                    allocations[ptr] = len(offer.ipc)
+                    allocations[ptr] = len(out.ipc)
                     key = f"{_uuid(dev)}:{bytes(handle).hex()}:{offset}:{size}"  # one segment holds many storages
-                    offer.ipc.append(IpcHandle(key, dev, bytes(handle), size,
-                                               offset, bytes(rc_handle), rc_offset, bytes(ev_handle or b""),
-                                               bool(ev_sync)))
-                out.append(IpcTensor(allocations[ptr], t.storage_offset() * t.element_size()))
+                    out.ipc.append(IpcHandle(key, dev, bytes(handle), size, offset, bytes(rc_handle), rc_offset,
+                                             bytes(ev_handle or b""), bool(ev_sync)))
+                where.append(IpcTensor(allocations[ptr], t.storage_offset() * t.element_size()))
+    except Exception as e:  # sharing is an optimisation: without it the chunks stream
+        log.debug("CUDA IPC handles of the KV cache are not available: %r", e)
+        return Shared([], [], [])
+    return out
+
+
+def offer_ipc(offer: Offer, shared: Shared, stream: Any, ids: list[int]) -> Any:
+    """Let the receiver copy through IPC: the handles, the block ids, and an event after `stream`'s work.
+
+    Returns the event (None where IPC is not available): the caller keeps it alive until the receiver is done.
+    """
+    if not shared.ipc:
+        return None
+    torch = _torch()
+    try:
         ev = torch.cuda.Event(interprocess=True)
         ev.record(stream)
         offer.ready_event = bytes(ev.ipc_handle())
-        return ev
-    except Exception as e:  # sharing is an optimisation: without it the chunks stream
-        log.debug("CUDA IPC handles of the KV cache are not available: %r", e)
-        offer.ipc, offer.keys, offer.values, offer.ready_event = [], [], [], b""
+    except Exception as e:
+        log.debug("CUDA IPC event not available: %r", e)
         return None
+    offer.ipc, offer.keys, offer.values, offer.block_ids = shared.ipc, shared.keys, shared.values, ids
+    return ev
 
 
 class OpenedHandles:
@@ -85,6 +105,7 @@ class OpenedHandles:
 
     def __init__(self) -> None:
         self.storages: dict[tuple[int, str], Any] = {}
+        self.views: dict[tuple[Any, ...], tuple[list[Any], list[Any]]] = {}  # per-layer tensors, per offer shape
 
     def storage(self, peer: int, h: IpcHandle, local_device: int) -> Any:
         key = (peer, h.key)
@@ -132,8 +153,11 @@ def try_open(handles: OpenedHandles, offer: Offer, cache: KVCache, peer: int) ->
             out = torch.empty(0, dtype=dtype, device=s.device)
             return out.set_(s, t.offset // item, shape)
 
-        keys = [tensor(t) for t in offer.keys]
-        values = [tensor(t) for t in offer.values]
+        vkey = (peer, tuple(h.key for h in offer.ipc), tuple((t.allocation, t.offset) for t in offer.keys),
+                tuple((t.allocation, t.offset) for t in offer.values), shape, dtype)
+        if vkey not in handles.views:
+            handles.views[vkey] = ([tensor(t) for t in offer.keys], [tensor(t) for t in offer.values])
+        keys, values = handles.views[vkey]
         if keys and keys[0].size(0) != cache.num_blocks:
             return None
         ready = torch.cuda.Event.from_ipc_handle(cache.device, offer.ready_event) if offer.ready_event else None

@@ -196,8 +196,14 @@ class Engine:
                 if offset:  # between frames of one message, a cancellation can land
                     await anyio.lowlevel.checkpoint_if_cancelled()
                 n = min(frame, total - offset)
-                payload = raw.window(offset, offset + n) if isinstance(raw, Pieces) else raw[offset : offset + n]
-                n = len(payload)
+                payload: memoryview | DeviceBytes
+                if isinstance(raw, Pieces):
+                    payload = raw.window(offset, offset + n)
+                    n = len(payload)
+                    if raw.watch is not None:
+                        raw.watch(offset, offset + n)
+                else:
+                    payload = raw[offset : offset + n]
                 head = wire.encode(Data(mid, offset, total, group, seq, tag, fp if offset == 0 else None), n)
                 await peer.conn.send_frame(head, payload, priority=priority)
                 offset += n
@@ -481,6 +487,10 @@ class Engine:
                 if isinstance(moved, Unexpected):
                     bytes_view(moved.block)[inc.received : inc.received + n] = view[:n].to_host()
             inc.received += n
+            if isinstance(view, memoryview) and isinstance(t, Recv) and inc.target is t:
+                dest = t.dest
+                if isinstance(dest, Pieces) and dest.watch is not None:
+                    dest.watch(inc.received - n, inc.received)
         if end == d.total:
             peer.incoming.pop(d.mid, None)
             self._finish(inc)

@@ -46,6 +46,7 @@ from .protocol import (
     OFFER_BYTES,
     TAG_DATA,
     TAG_OFFER,
+    TAG_OFFER_IPC,
     TAG_TO_RECEIVER,
     TAG_TO_SENDER,
     Notice,
@@ -54,6 +55,7 @@ from .protocol import (
     short,
     unpack_notice,
     unpack_offer,
+    unpack_offer_ipc,
 )
 
 if TYPE_CHECKING:
@@ -283,10 +285,14 @@ class KVChannel:
                       layout.block_size, layout.dtype, len(ids), codec_name, chunk_blocks, self.checksum,
                       cuda_ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu")
         ready = None
+        extra = b""
         if self.cache.is_cuda:
             if self._ipc_shared is None:
                 self._ipc_shared = cuda_ipc.share(self.cache)
-            ready = cuda_ipc.offer_ipc(offer, self._ipc_shared, source.stream, ids)
+            made = cuda_ipc.offer_ipc(self._ipc_shared, source.stream, ids)
+            if made is not None:
+                extra, ready = pack(made[0]), made[1]
+                offer.ipc_bytes = len(extra)
         inbox = _Inbox(engine, peer, (ch, -1, TAG_TO_SENDER))
         wire = 0
         sent_at = 0.0
@@ -304,6 +310,8 @@ class KVChannel:
             with clock.limit():
                 await engine.send(peer, (base, -1, TAG_OFFER), memoryview(pack(offer, OFFER_BYTES)), None,
                                   priority=level)
+                if extra:
+                    await engine.send(peer, (ch, -1, TAG_OFFER_IPC), memoryview(extra), None, priority=level)
             accept = await next_notice()
             path = accept.path
             if path == "stream":
@@ -420,11 +428,24 @@ class LayerStream:
             _check_offer(offer, chan.cache, ids, src, request_id)
             chunks = plan(layout.num_layers, len(ids), offer.chunk_blocks)
             last_of_layer = {c.layer: c.index for c in chunks}
-            opened = cuda_ipc.try_open(chan._ipc_opened, offer, chan.cache, peer) if chan.ipc else None
+            opened = None
+            if offer.ipc_bytes:
+                extra_recv = engine.post(peer, (ch, -1, TAG_OFFER_IPC), memoryview(bytearray(offer.ipc_bytes)), None)
+                posted[-1] = extra_recv  # withdrawn with the others if this ends here
+                await clock.wait(extra_recv)
+                del posted[-1]
+                if extra_recv.error is not None:
+                    raise extra_recv.error
+                extra = unpack_offer_ipc(extra_recv.dest)
+                if len(extra.block_ids) != offer.n_blocks:
+                    raise KVMismatch(f"request {request_id!r}: rank {src}'s offer lists {len(extra.block_ids)} "
+                                     f"block ids for {offer.n_blocks} blocks")
+                if chan.ipc:
+                    opened = cuda_ipc.try_open(chan._ipc_opened, offer, extra, chan.cache, peer)
             if opened is not None:
                 await _notify(engine, peer, ch, Notice("accept", path="ipc"), clock)
-                copier = cuda_ipc.LayerCopier(opened, chan.cache, ids, offer.block_ids, offer.checksum, request_id,
-                                         chan.comm.rank)
+                copier = cuda_ipc.LayerCopier(opened, chan.cache, ids, extra.block_ids, offer.checksum, request_id,
+                                              chan.comm.rank)
                 for layer in range(layout.num_layers):
                     _raise_if_ended(inbox, src, request_id)
                     await copier.copy(layer)
@@ -516,9 +537,6 @@ def _check_offer(offer: Offer, cache: KVCache, ids: list[int], src: int, request
     except InvalidArgument:
         raise KVMismatch(f"request {request_id!r}: rank {src} encodes with {offer.codec!r}, which this side "
                          "does not know") from None
-    if offer.block_ids and len(offer.block_ids) != offer.n_blocks:
-        raise KVMismatch(f"request {request_id!r}: rank {src}'s offer lists {len(offer.block_ids)} block ids "
-                         f"for {offer.n_blocks} blocks")
 
 
 __all__ = ["Chunk", "KVChannel", "LayerStream", "TransferStats"]

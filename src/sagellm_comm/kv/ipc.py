@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import KVChecksumError
 from ..scheduler import device
 from .layout import KVCache
-from .protocol import IpcHandle, IpcTensor, Offer
+from .protocol import IpcHandle, IpcTensor, Offer, OfferIpc
 
 log = logging.getLogger("sagellm_comm.kv")
 
@@ -81,10 +81,10 @@ def share(cache: KVCache) -> Shared:
     return out
 
 
-def offer_ipc(offer: Offer, shared: Shared, stream: Any, ids: list[int]) -> Any:
-    """Let the receiver copy through IPC: the handles, the block ids, and an event after `stream`'s work.
+def offer_ipc(shared: Shared, stream: Any, ids: list[int]) -> tuple[OfferIpc, Any] | None:
+    """What lets the receiver copy through IPC, and the event after `stream`'s work it must wait for.
 
-    Returns the event (None where IPC is not available): the caller keeps it alive until the receiver is done.
+    None where IPC is not available. The caller keeps the event alive until the receiver is done.
     """
     if not shared.ipc:
         return None
@@ -92,12 +92,11 @@ def offer_ipc(offer: Offer, shared: Shared, stream: Any, ids: list[int]) -> Any:
     try:
         ev = torch.cuda.Event(interprocess=True)
         ev.record(stream)
-        offer.ready_event = bytes(ev.ipc_handle())
+        handle = bytes(ev.ipc_handle())
     except Exception as e:
         log.debug("CUDA IPC event not available: %r", e)
         return None
-    offer.ipc, offer.keys, offer.values, offer.block_ids = shared.ipc, shared.keys, shared.values, ids
-    return ev
+    return OfferIpc(shared.ipc, shared.keys, shared.values, handle, ids), ev
 
 
 class OpenedHandles:
@@ -129,9 +128,9 @@ class Opened:
         self.ready = ready
 
 
-def try_open(handles: OpenedHandles, offer: Offer, cache: KVCache, peer: int) -> Opened | None:
+def try_open(handles: OpenedHandles, head: Offer, offer: OfferIpc, cache: KVCache, peer: int) -> Opened | None:
     """The sender's cache mapped here, or None where the chunks must stream instead."""
-    if offer.device != "cuda" or not cache.is_cuda or not offer.ipc or offer.host != host_identity():
+    if head.device != "cuda" or not cache.is_cuda or not offer.ipc or head.host != host_identity():
         return None
     torch = _torch()
     try:

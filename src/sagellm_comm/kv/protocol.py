@@ -19,7 +19,7 @@ import msgspec
 
 from ..errors import KVMismatch, ProtocolError
 
-OFFER_BYTES = 64 * 1024  # room for the IPC handles of a cache of 2 x 128 separate tensors
+OFFER_BYTES = 1024  # a request id of up to 256 characters and the fields below; IPC details follow apart
 NOTICE_BYTES = 1024
 MAX_REASON = 400
 
@@ -27,6 +27,7 @@ TAG_OFFER = 0
 TAG_TO_SENDER = 1
 TAG_TO_RECEIVER = 2
 TAG_DATA = 3
+TAG_OFFER_IPC = 4
 
 
 class IpcHandle(msgspec.Struct, array_like=True):
@@ -64,11 +65,17 @@ class Offer(msgspec.Struct, array_like=True):
     checksum: bool
     host: str  # host identity: CUDA IPC only between processes of one boot of one host
     device: str  # "cpu" or "cuda"
-    ipc: list[IpcHandle] = []
-    keys: list[IpcTensor] = []
-    values: list[IpcTensor] = []
-    ready_event: bytes = b""  # IPC event recorded after the sender's queued writes to the cache
-    block_ids: list[int] = []  # the sender's block ids (with IPC handles: the receiver copies from them)
+    ipc_bytes: int = 0  # size of the `OfferIpc` that follows on the transfer's channel (0: none)
+
+
+class OfferIpc(msgspec.Struct, array_like=True):
+    """What a receiver on the same host needs to copy straight out of the sender's CUDA cache."""
+
+    ipc: list[IpcHandle]
+    keys: list[IpcTensor]
+    values: list[IpcTensor]
+    ready_event: bytes  # IPC event recorded after the sender's queued writes to the cache
+    block_ids: list[int]  # the sender's block ids, which the receiver copies from
 
 
 class Notice(msgspec.Struct, array_like=True):
@@ -84,21 +91,29 @@ class Notice(msgspec.Struct, array_like=True):
 _LEN = struct.Struct("<I")
 _encoder = msgspec.msgpack.Encoder()
 _offer_decoder = msgspec.msgpack.Decoder(Offer)
+_offer_ipc_decoder = msgspec.msgpack.Decoder(OfferIpc)
 _notice_decoder = msgspec.msgpack.Decoder(Notice)
 
 
-def pack(msg: Offer | Notice, size: int) -> bytes:
-    """`msg` framed in exactly `size` bytes: length, msgpack body, zero padding."""
+def pack(msg: Offer | OfferIpc | Notice, size: int | None = None) -> bytes:
+    """`msg` framed in exactly `size` bytes (None: as few as it takes): length, msgpack body, zero padding."""
     body = _encoder.encode(msg)
+    if size is None:
+        size = len(body) + _LEN.size
     if len(body) + _LEN.size > size:
-        raise KVMismatch(f"{type(msg).__name__} of {len(body)} bytes does not fit in {size}: "
-                         "a cache of this many separate CUDA allocations cannot be offered over IPC")
+        raise KVMismatch(f"{type(msg).__name__} of {len(body)} bytes does not fit in {size} (request id too long?)")
     return _LEN.pack(len(body)) + body + bytes(size - _LEN.size - len(body))
 
 
 def unpack_offer(raw: memoryview | bytes) -> Offer:
     msg = _unpack(raw, _offer_decoder)
     assert isinstance(msg, Offer)
+    return msg
+
+
+def unpack_offer_ipc(raw: memoryview | bytes) -> OfferIpc:
+    msg = _unpack(raw, _offer_ipc_decoder)
+    assert isinstance(msg, OfferIpc)
     return msg
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import torch
 
@@ -259,7 +260,7 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
     async def corrupting(self: chunks.ChunkSource, chunk: chunks.Chunk, token: Any) -> Any:
         msg = await real(self, chunk, token)
         if chunk.layer == 2:
-            hasher = msg.watch  # checksums are taken as the bytes go out; flip a bit right after its row's
+            hasher = msg.rows.watch  # checksums are taken as the bytes go out; flip a bit right after its row's
 
             def watch(start: int, end: int) -> None:
                 hasher(start, end)
@@ -267,7 +268,7 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
                     flipped.append(True)
                     self.cache.value(2)[SRC_IDS[4]].view(torch.int16)[1, 1, 3] ^= 0x10
 
-            msg.watch = watch
+            msg.rows.watch = watch
         return msg
 
     monkeypatch.setattr(chunks.ChunkSource, "ready", corrupting)
@@ -371,3 +372,18 @@ async def test_a_lost_sender_is_peer_lost_on_the_receiver() -> None:
 
     _, err = await pair(sender, receiver)
     assert "rank 0" in err
+
+
+def test_word_sums_are_the_same_on_host_and_through_torch() -> None:
+    """A CUDA sender's checksums ("sum32", computed by torch) must equal a CPU receiver's (numpy)."""
+    from sagellm_comm.kv.chunks import device_word_sums, word_sums
+
+    g = torch.Generator().manual_seed(12)
+    for row_bytes in (4096, 16416, 1001):  # whole int32 words, an fp8 row, and bytes that are not
+        rows = torch.randint(0, 256, (9, row_bytes), dtype=torch.uint8, generator=g)
+        host = word_sums(rows.numpy())
+        assert host.dtype == np.uint64
+        assert np.array_equal(host, device_word_sums(rows).numpy().view(np.uint64))
+        flipped = rows.clone()
+        flipped[4, 7] ^= 1
+        assert (word_sums(flipped.numpy()) != host).nonzero()[0].tolist() == [4]

@@ -47,6 +47,7 @@ from .protocol import (
     TAG_DATA,
     TAG_OFFER,
     TAG_OFFER_IPC,
+    TAG_SUMS,
     TAG_TO_RECEIVER,
     TAG_TO_SENDER,
     Notice,
@@ -283,7 +284,8 @@ class KVChannel:
         source = ChunkSource(self._memory, ids, codec_name, self.checksum, chunk_blocks)  # after queued writes
         offer = Offer(nonce, str(request_id), layout.num_layers, layout.num_kv_heads, layout.head_dim,
                       layout.block_size, layout.dtype, len(ids), codec_name, chunk_blocks, self.checksum,
-                      cuda_ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu")
+                      cuda_ipc.host_identity(), "cuda" if self.cache.is_cuda else "cpu",
+                      checksum_kind=source.checksum_kind)
         ready = None
         extra = b""
         if self.cache.is_cuda:
@@ -326,12 +328,15 @@ class KVChannel:
                         if n.kind in ("cancel", "fail"):
                             raise _Ended(_remote_error(n, dst, request_id))
                         credit = max(credit, n.value)
-                    msg = await source.ready(c, pending.popleft())
+                    out = await source.ready(c, pending.popleft())
                     with clock.limit():
-                        await engine.send(peer, (ch, -1, TAG_DATA), msg, None, priority=level)
-                    wire += len(msg)
+                        await engine.send(peer, (ch, -1, TAG_DATA), out.rows, None, priority=level)
+                        if out.sums is not None:
+                            await engine.send(peer, (ch, -1, TAG_SUMS), out.sums, None, priority=level)
+                    nbytes = len(out.rows) + (len(out.sums) if out.sums is not None else 0)
+                    wire += nbytes
                     self.counters["chunks_sent"] += 1
-                    self.counters["bytes_sent"] += len(msg)
+                    self.counters["bytes_sent"] += nbytes
                 sent_at = time.perf_counter() - t0
             while (await next_notice()).kind != "done":
                 pass
@@ -418,6 +423,7 @@ class LayerStream:
         inbox: _Inbox | None = None
         sink: ChunkSink | None = None
         posted: dict[int, Recv] = {}
+        copier: cuda_ipc.LayerCopier | None = None
         try:
             await clock.wait(offer_recv)
             if offer_recv.error is not None:
@@ -446,9 +452,10 @@ class LayerStream:
                 await _notify(engine, peer, ch, Notice("accept", path="ipc"), clock)
                 copier = cuda_ipc.LayerCopier(opened, chan.cache, ids, extra.block_ids, offer.checksum, request_id,
                                               chan.comm.rank)
+                copier.start()
                 for layer in range(layout.num_layers):
                     _raise_if_ended(inbox, src, request_id)
-                    await copier.copy(layer)
+                    await copier.wait(layer)
                     if layer == 0:
                         first = time.perf_counter() - t0
                     self.layers_done = layer + 1
@@ -456,27 +463,38 @@ class LayerStream:
                 wire, path, nchunks = 0, "ipc", 0
                 offer.codec = "none"  # copied as they are: nothing to gain from encoding on one host
             else:
-                sink = ChunkSink(chan._memory, ids, offer.codec, offer.checksum, offer.chunk_blocks, chan.window,
-                                 request_id, chan.comm.rank)
+                sink = ChunkSink(chan._memory, ids, offer.codec, offer.checksum, offer.checksum_kind,
+                                 offer.chunk_blocks, chan.window, request_id, chan.comm.rank)
+
+                async def post(c: Chunk) -> None:
+                    rows, sums = await sink.targets(c)
+                    posted[2 * c.index] = engine.post(peer, (ch, -1, TAG_DATA), rows, None)
+                    if sums is not None:
+                        posted[2 * c.index + 1] = engine.post(peer, (ch, -1, TAG_SUMS), sums, None)
+
                 for c in chunks[: chan.window]:
-                    posted[c.index] = engine.post(peer, (ch, -1, TAG_DATA), await sink.target(c), None)
-                await _notify(engine, peer, ch, Notice("accept", value=len(posted), path="stream"), clock)
+                    await post(c)
+                await _notify(engine, peer, ch, Notice("accept", value=min(chan.window, len(chunks)), path="stream"),
+                              clock)
                 wire = 0
                 for c in chunks:
-                    r = posted[c.index]
-                    while not r.finished:
-                        _raise_if_ended(inbox, src, request_id)
-                        await clock.wait(r, inbox.recv)
-                    del posted[c.index]
-                    if r.error is not None:
-                        raise r.error
-                    wire += r.total
+                    parts = [posted[k] for k in (2 * c.index, 2 * c.index + 1) if k in posted]
+                    for r in parts:
+                        while not r.finished:
+                            _raise_if_ended(inbox, src, request_id)
+                            await clock.wait(r, inbox.recv)
+                        if r.error is not None:
+                            raise r.error
+                    for k in (2 * c.index, 2 * c.index + 1):
+                        posted.pop(k, None)
+                    nbytes = sum(r.total for r in parts)
+                    wire += nbytes
                     chan.counters["chunks_received"] += 1
-                    chan.counters["bytes_received"] += r.total
+                    chan.counters["bytes_received"] += nbytes
                     await sink.land(c)
                     nxt = c.index + chan.window
                     if nxt < len(chunks):
-                        posted[nxt] = engine.post(peer, (ch, -1, TAG_DATA), await sink.target(chunks[nxt]), None)
+                        await post(chunks[nxt])
                         await _notify(engine, peer, ch, Notice("credit", value=nxt + 1), clock)
                     if last_of_layer[c.layer] == c.index:
                         await sink.layer_done(c.layer)
@@ -504,7 +522,10 @@ class LayerStream:
             if inbox is not None:
                 inbox.close()
             if sink is not None:
+                sink.fence()
                 sink.close()
+            if copier is not None:
+                copier.fence()
             if ch is not None:
                 engine.discard_channel(ch)
             chan._busy.discard(slot)

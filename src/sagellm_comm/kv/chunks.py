@@ -1,16 +1,21 @@
 """How a chunk of KV blocks becomes bytes on the wire and back, for each kind of cache.
 
 A chunk is a run of a request's blocks in one layer. On the wire it is always
-the same: its K blocks, then its V blocks, one row of `encoded_block_bytes` each
-(the codec's output, or the raw block), then one xxh3-64 checksum per row. So a
-CPU sender can feed a CUDA receiver, with or without a codec, and the receiver
-can name the very block whose bytes went bad.
+two messages: its rows (its K blocks, then its V blocks, one row of
+`encoded_block_bytes` each: the codec's output, or the raw block), then one
+checksum per row. So a CPU sender can feed a CUDA receiver and back, with or
+without a codec, and the receiver can name the very block whose bytes went bad.
 
-Where the bytes already sit in host memory in that form (a CPU cache, no codec),
-the message is made of the cache's own block memory (`Pieces`): nothing is
-gathered on the sender or scattered on the receiver. Otherwise rows go through
-a staging buffer: encoded on the CPU, or for a CUDA cache gathered and encoded
-on the device, then copied through page-locked memory on a communication stream.
+Checksums are computed where the rows are: a CPU sender takes xxh3-64 of each
+row as its bytes go out (the CPU's cache still holds them), a CUDA sender the sum
+of each row's 32-bit words on the device. The receiver computes the same kind,
+wherever its rows land.
+
+Where the rows already sit in host memory (a CPU cache, no codec), the message
+is made of the cache's own block memory (`Pieces`): nothing is gathered or
+scattered. A CUDA cache gathers and encodes rows on the device, and the rows
+travel as device bytes: shared memory copies them by DMA straight between the
+GPU and its rings, other transports through pinned bounce buffers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import anyio
 import numpy as np
 import xxhash
 
-from ..buffers import Pieces, bytes_view
+from ..buffers import DeviceBytes, Pieces, bytes_view
 from ..errors import KVChecksumError
 from ..scheduler import device
 from .codecs import get_codec
@@ -57,10 +62,6 @@ WORKERS = 2
 
 def chunk_blocks_for(encoded_block_bytes: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (2 * encoded_block_bytes))
-
-
-def chunk_nbytes(n: int, encoded_block_bytes: int, checksum: bool) -> int:
-    return 2 * n * encoded_block_bytes + (16 * n if checksum else 0)
 
 
 def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -122,10 +123,23 @@ class RowHasher:
         return self.out
 
 
-def hash_rows(rows: Sequence[Any], out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def hash_rows(rows: Sequence[Any] | np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     for j, r in enumerate(rows):
         out[j] = xxhash.xxh3_64_intdigest(r)
     return out
+
+
+def word_sums(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """"sum32" checksums of uint8 rows [n, row_bytes] on the host: what `device_word_sums` gives on a GPU."""
+    words = rows.view(np.int32) if rows.shape[1] % 4 == 0 else rows
+    return words.sum(axis=1, dtype=np.int64).view(np.uint64)  # type: ignore[no-any-return]
+
+
+def device_word_sums(rows: Any) -> Any:
+    """Per row of a uint8 CUDA tensor [n, row_bytes], the sum of its little-endian int32 words (int64)."""
+    torch = _torch()
+    words = rows.view(torch.int32) if rows.size(1) % 4 == 0 else rows
+    return words.sum(1, dtype=torch.int64)
 
 
 def check_rows(got: np.ndarray[Any, Any], trailer: np.ndarray[Any, Any], *, request: object, chunk: Chunk,
@@ -166,78 +180,87 @@ class BlockRows:
         k, v = self.k[layer], self.v[layer]
         return [k[i] for i in ids] + [v[i] for i in ids]
 
-    def pieces(self, layer: int, ids: Sequence[int], trailer: np.ndarray[Any, Any] | None) -> Pieces:
+    def pieces(self, layer: int, ids: Sequence[int]) -> Pieces:
         views = [bytes_view(self.k[layer][s:e]) for s, e in runs(ids)]
         views += [bytes_view(self.v[layer][s:e]) for s, e in runs(ids)]
-        if trailer is not None:
-            views.append(bytes_view(trailer))
         return Pieces(views)
 
 
 class Staging:
-    """Page-locked (for CUDA caches) or ordinary host rows [2, n, encoded_block_bytes], reused."""
+    """Host rows of one chunk in flight, reused: K rows [0, n), V rows [n, 2n), and their checksums.
 
-    def __init__(self, max_blocks: int, encoded_block_bytes: int, pinned: bool) -> None:
+    Page-locked for CUDA caches whose rows come from a CPU peer (the copy to the device is asynchronous).
+    """
+
+    def __init__(self, blocks: int, enc: int, pinned: bool) -> None:
         torch = _torch()
-        self.blocks = max_blocks
-        self.enc = encoded_block_bytes
-        self.t = torch.empty((2, max_blocks, encoded_block_bytes), dtype=torch.uint8, pin_memory=pinned)
-        self.np = self.t.numpy()
-        self.trailer = np.empty(2 * max_blocks, dtype=np.uint64)
-        self.h2d_done: Any = None  # (receiver, CUDA) event of the copy out of this slot still running
+        self.blocks = blocks
+        self.enc = enc
+        self.pinned = pinned
+        self.t = torch.empty((2 * blocks, enc), dtype=torch.uint8, pin_memory=pinned)
+        self.np: np.ndarray[Any, Any] = self.t.numpy()
+        self.sums = np.empty(2 * blocks, dtype=np.uint64)
+        self.h2d_done: Any = None  # event of a copy out of these rows to the device still running
 
-    def rows(self, n: int) -> list[Any]:
-        return [self.np[0, j] for j in range(n)] + [self.np[1, j] for j in range(n)]
+    def rows(self, n: int) -> np.ndarray[Any, Any]:
+        return self.np[: 2 * n]
 
-    def pieces(self, n: int, checksum: bool) -> Pieces:
-        views = [bytes_view(self.np[0, :n]), bytes_view(self.np[1, :n])]
-        if checksum:
-            views.append(bytes_view(self.trailer[: 2 * n]))
-        return Pieces(views)
+
+class DeviceRows:
+    """Device rows of one chunk in flight (CUDA caches), K rows [0, n), V rows [n, 2n), with pinned sums."""
+
+    def __init__(self, blocks: int, enc: int, dev: Any) -> None:
+        torch = _torch()
+        self.blocks = blocks
+        self.enc = enc
+        self.t = torch.empty((2 * blocks, enc), dtype=torch.uint8, device=dev)
+        self.sums = torch.empty(2 * blocks, dtype=torch.int64, pin_memory=True)
+        self.sums_np = self.sums.numpy().view(np.uint64)
 
 
 class ChannelMemory:
-    """Buffers a channel keeps across transfers: pinning host memory and allocating device staging
+    """Buffers a channel keeps across transfers: pinning host memory and allocating device memory
     take milliseconds, longer than a chunk takes to move."""
 
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
         self._rows: BlockRows | None = None
-        self._free: dict[tuple[int, int], list[Staging]] = {}
-        self._dstage: dict[tuple[int, int], Any] = {}
+        self._free: dict[tuple[str, int, int], list[Any]] = {}
 
     def rows(self) -> BlockRows:
         if self._rows is None:
             self._rows = BlockRows(self.cache)
         return self._rows
 
-    def acquire(self, blocks: int, enc: int) -> Staging:
-        free = self._free.get((blocks, enc))
+    def staging(self, blocks: int, enc: int) -> Staging:
+        free = self._free.get(("host", blocks, enc))
         return free.pop() if free else Staging(blocks, enc, pinned=self.cache.is_cuda)
 
-    def release(self, slots: list[Staging]) -> None:
+    def device_rows(self, blocks: int, enc: int) -> DeviceRows:
+        free = self._free.get(("device", blocks, enc))
+        return free.pop() if free else DeviceRows(blocks, enc, self.cache.device)
+
+    def release(self, slots: Sequence[Staging | DeviceRows]) -> None:
         for s in slots:
-            free = self._free.setdefault((s.blocks, s.enc), [])
+            free = self._free.setdefault(("host" if isinstance(s, Staging) else "device", s.blocks, s.enc), [])
             if len(free) < 8:
                 free.append(s)
 
-    def dstage(self, blocks: int, enc: int) -> Any:
-        """Device rows for gathering/encoding: shared by every transfer, whose device work is ordered on
-        the one communication stream, so one never overwrites rows another still reads."""
-        t = self._dstage.get((blocks, enc))
-        if t is None:
-            torch = _torch()
-            t = self._dstage[(blocks, enc)] = torch.empty((2, blocks, enc), dtype=torch.uint8,
-                                                          device=self.cache.device)
-        return t
+
+@dataclass
+class Outgoing:
+    """One chunk's two messages: its rows (host ranges or device bytes) and its checksums (or None)."""
+
+    rows: Pieces | DeviceBytes
+    sums: memoryview | None
 
 
 class ChunkSource:
-    """The sender's side: `prepare(chunk)` starts making its bytes, `ready(...)` gives the message.
+    """The sender's side: `prepare(chunk)` starts making its messages, `ready(...)` gives them.
 
-    For a CUDA cache `prepare` only queues the gather, encode and device-to-host
-    copy on a communication stream, so the next chunks' copies run while this one
-    is on the wire (up to `lookahead` staging slots).
+    For a CUDA cache `prepare` only queues the gather, encode and checksums on a
+    communication stream, so the next chunks' device work runs while this one is
+    on the wire (up to `lookahead` chunks ahead).
     """
 
     lookahead = 2
@@ -250,10 +273,11 @@ class ChunkSource:
         self.ids = ids
         self.codec = get_codec(codec_name)
         self.checksum = checksum
+        self.checksum_kind = "sum32" if cache.is_cuda else "xxh3"
         self.enc = self.codec.encoded_block_bytes(cache.layout)
         self.inplace = not cache.is_cuda and self.codec.name == "none"
         self.rows = memory.rows() if self.inplace else None
-        self.slots: list[Staging] = []
+        self.slots: list[Any] = []
         self.chunk_blocks = chunk_blocks
         self.stream: Any = None
         self.idx: Any = None
@@ -264,23 +288,22 @@ class ChunkSource:
         if not self.inplace:
             self.idx = _torch().tensor(ids, dtype=_torch().long, device=cache.device)
 
-    def _slot(self, chunk: Chunk) -> Staging:
+    def _slot(self, chunk: Chunk) -> Any:
         i = chunk.index % (self.lookahead + 1)
         while len(self.slots) <= i:
-            self.slots.append(self.memory.acquire(self.chunk_blocks, self.enc))
+            make = self.memory.device_rows if self.cache.is_cuda else self.memory.staging
+            self.slots.append(make(self.chunk_blocks, self.enc))
         return self.slots[i]
 
     def close(self) -> None:
         self.memory.release(self.slots)
         self.slots = []
 
-    def prepare(self, chunk: Chunk) -> Future[Pieces]:
-        """Start making `chunk`'s message: device work is queued here, CPU work goes to a thread."""
+    def prepare(self, chunk: Chunk) -> Any:
+        """Start making `chunk`'s messages: device work is queued here, CPU work goes to a thread."""
         ids = self.ids[chunk.start : chunk.stop]
         if self.rows is not None:
-            done: Future[Pieces] = Future()  # checksums are taken as the bytes go out: nothing to wait for
-            done.set_result(self._inplace(chunk.layer, ids))
-            return done
+            return self._inplace(chunk.layer, ids)
         slot = self._slot(chunk)
         if not self.cache.is_cuda:
             return workers().submit(self._encoded, chunk, slot)
@@ -288,65 +311,69 @@ class ChunkSource:
         idx = self.idx[chunk.start : chunk.stop]
         n, layer = chunk.n, chunk.layer
         with torch.cuda.stream(self.stream):
-            d = self.memory.dstage(self.chunk_blocks, self.enc)
-            self.codec.encode(self.cache.key(layer).index_select(0, idx), d[0, :n])
-            self.codec.encode(self.cache.value(layer).index_select(0, idx), d[1, :n])
-            slot.t[:, :n].copy_(d[:, :n], non_blocking=True)
+            self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[:n])
+            self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[n : 2 * n])
+            if self.checksum:
+                slot.sums[: 2 * n].copy_(device_word_sums(slot.t[: 2 * n]), non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        return workers().submit(self._copied, ev, n, slot)
+        return (ev, slot, n)
 
-    async def ready(self, chunk: Chunk, token: Future[Pieces]) -> Pieces:
-        """The message of `chunk` (from `prepare`), once its bytes are in host memory and checksummed."""
-        return await result(token)  # type: ignore[no-any-return]
+    async def ready(self, chunk: Chunk, token: Any) -> Outgoing:
+        """The messages of `chunk` (from `prepare`), once its rows are made and checksummed."""
+        if isinstance(token, Outgoing):
+            return token
+        if isinstance(token, Future):
+            return await result(token)  # type: ignore[no-any-return]
+        ev, slot, n = token
+        await device.wait_event(ev, key="kv gather")
+        return Outgoing(DeviceBytes.of(slot.t[: 2 * n], self.stream),
+                        bytes_view(slot.sums_np[: 2 * n]) if self.checksum else None)
 
-    def _inplace(self, layer: int, ids: list[int]) -> Pieces:
+    def _inplace(self, layer: int, ids: list[int]) -> Outgoing:
         assert self.rows is not None
+        pieces = self.rows.pieces(layer, ids)
         if not self.checksum:
-            return self.rows.pieces(layer, ids, None)
-        trailer = np.empty(2 * len(ids), dtype=np.uint64)
-        pieces = self.rows.pieces(layer, ids, trailer)
-        pieces.watch = RowHasher(self.rows.row_views(layer, ids), self.enc, trailer, ahead=True)
-        return pieces
+            return Outgoing(pieces, None)
+        sums = np.empty(2 * len(ids), dtype=np.uint64)
+        pieces.watch = RowHasher(self.rows.row_views(layer, ids), self.enc, sums, ahead=True)  # as bytes go out
+        return Outgoing(pieces, bytes_view(sums))
 
-    def _encoded(self, chunk: Chunk, slot: Staging) -> Pieces:
+    def _encoded(self, chunk: Chunk, slot: Staging) -> Outgoing:
         idx = self.idx[chunk.start : chunk.stop]
         n, layer = chunk.n, chunk.layer
-        self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[0, :n])
-        self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[1, :n])
-        return self._hashed(n, slot)
-
-    def _copied(self, ev: Any, n: int, slot: Staging) -> Pieces:
-        ev.synchronize()  # in a worker thread: the loop goes on sending the previous chunk
-        return self._hashed(n, slot)
-
-    def _hashed(self, n: int, slot: Staging) -> Pieces:
+        self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[:n])
+        self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[n : 2 * n])
+        rows = slot.rows(n)
         if self.checksum:
-            hash_rows(slot.rows(n), slot.trailer[: 2 * n])
-        return slot.pieces(n, self.checksum)
+            hash_rows(rows, slot.sums[: 2 * n])
+        return Outgoing(Pieces([bytes_view(rows)]), bytes_view(slot.sums[: 2 * n]) if self.checksum else None)
 
 
 class ChunkSink:
-    """The receiver's side: where chunk `i` lands (`target`), and writing it into the cache (`land`)."""
+    """The receiver's side: where chunk `i`'s messages land (`targets`), and writing it into the cache (`land`)."""
 
-    def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int,
-                 window: int, request: object, rank: int) -> None:
+    def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool, checksum_kind: str,
+                 chunk_blocks: int, window: int, request: object, rank: int) -> None:
         cache = memory.cache
         self.memory = memory
         self.cache = cache
         self.ids = ids
         self.codec = get_codec(codec_name)
         self.checksum = checksum
+        self.kind = checksum_kind
         self.enc = self.codec.encoded_block_bytes(cache.layout)
         self.inplace = not cache.is_cuda and self.codec.name == "none"
         self.rows = memory.rows() if self.inplace else None
+        # rows of a CUDA cache land on the device, unless they carry host checksums (xxh3 from a CPU peer)
+        self.on_device = cache.is_cuda and not (checksum and checksum_kind == "xxh3")
         self.window = window
         self.request = request
         self.rank = rank
         self.chunk_blocks = chunk_blocks
-        self.slots: list[Staging] = []
-        self.trailers: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where its checksums land
+        self.slots: list[Any] = []
         self.hashers: dict[int, RowHasher] = {}
+        self.sums: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where the sender's checksums land
         self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
         torch = _torch()
         self.stream: Any = None
@@ -357,88 +384,117 @@ class ChunkSink:
         if not self.inplace:
             self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
 
-    def _slot(self, chunk: Chunk) -> Staging:
+    def _slot(self, chunk: Chunk) -> Any:
         i = chunk.index % self.window
         while len(self.slots) <= i:
-            self.slots.append(self.memory.acquire(self.chunk_blocks, self.enc))
+            make = self.memory.device_rows if self.on_device else self.memory.staging
+            self.slots.append(make(self.chunk_blocks, self.enc))
         return self.slots[i]
 
     def close(self) -> None:
         self.memory.release(self.slots)
         self.slots = []
 
-    async def target(self, chunk: Chunk) -> Pieces:
-        """Memory to post the receive of `chunk` into (its staging slot is free once this returns)."""
+    def fence(self) -> None:
+        """Order the cache owner's later work after every copy this transfer queued (also a failed one's)."""
+        if self.stream is not None:
+            _torch().cuda.current_stream(self.cache.device).wait_stream(self.stream)
+
+    async def targets(self, chunk: Chunk) -> tuple[Pieces | DeviceBytes, memoryview | None]:
+        """Memory to post `chunk`'s two receives into."""
         ids = self.ids[chunk.start : chunk.stop]
         n = chunk.n
+        sums = np.empty(2 * n, dtype=np.uint64) if self.checksum else None
+        if sums is not None:
+            self.sums[chunk.index] = sums
+        sums_view = bytes_view(sums) if sums is not None else None
         if self.rows is not None:
-            trailer = np.empty(2 * n, dtype=np.uint64) if self.checksum else None
-            if trailer is not None:
-                self.trailers[chunk.index] = trailer
-            pieces = self.rows.pieces(chunk.layer, ids, trailer)
-            if trailer is not None:
-                h = RowHasher(self.rows.row_views(chunk.layer, ids), self.enc, np.empty(2 * n, np.uint64), ahead=False)
+            pieces = self.rows.pieces(chunk.layer, ids)
+            if sums is not None and self.kind == "xxh3":
+                h = RowHasher(self.rows.row_views(chunk.layer, ids), self.enc, np.empty(2 * n, np.uint64),
+                              ahead=False)
                 self.hashers[chunk.index] = h
-                pieces.watch = h
-            return pieces
+                pieces.watch = h  # checksums taken as the bytes land
+            return pieces, sums_view
         slot = self._slot(chunk)
+        if self.on_device:  # the slot's previous rows were decoded on this same stream: ordered
+            return DeviceBytes.of(slot.t[: 2 * n], self.stream), sums_view
         if slot.h2d_done is not None:  # the slot's previous chunk is still being copied to the device
             await device.wait_event(slot.h2d_done, key="kv h2d")
             slot.h2d_done = None
-        return slot.pieces(n, self.checksum)
+        return Pieces([bytes_view(slot.rows(n))]), sums_view
 
     async def land(self, chunk: Chunk) -> None:
-        """Verify `chunk`'s checksums and write it into the cache (queued, for a CUDA cache).
-
-        The CPU part runs in a worker thread, while the next chunks keep landing.
-        """
-        slot = None if self.rows is not None else self._slot(chunk)
-        if slot is None:  # in place: checksums were taken as the bytes landed
-            self._check_and_decode(chunk, None)
-        else:
-            await result(workers().submit(self._check_and_decode, chunk, slot))
-        if slot is None or not self.cache.is_cuda:
+        """Verify `chunk`'s checksums and write it into the cache (queued on the device, for a CUDA cache)."""
+        if self.rows is not None:
+            self._check_inplace(chunk)
             return
-        torch = _torch()
+        slot = self._slot(chunk)
         n = chunk.n
+        sums = self.sums.pop(chunk.index, None)
+        if not self.on_device:
+            await result(workers().submit(self._check_host, chunk, slot, sums))
+            if not self.cache.is_cuda:
+                return
+        torch = _torch()
         idx = self.idx[chunk.start : chunk.stop]
         shape = (n, *self.cache.layout.block_shape)
         with torch.cuda.stream(self.stream):
-            d = self.memory.dstage(self.chunk_blocks, self.enc)
-            d[:, :n].copy_(slot.t[:, :n], non_blocking=True)
-            h2d = torch.cuda.Event()
-            h2d.record(self.stream)
-            slot.h2d_done = h2d
-            for dst, part in ((self.cache.key(chunk.layer), 0), (self.cache.value(chunk.layer), 1)):
+            if self.on_device:
+                rows = slot.t[: 2 * n]
+                if sums is not None:
+                    slot.sums[: 2 * n].copy_(device_word_sums(rows), non_blocking=True)
+                    checked = torch.cuda.Event()
+                    checked.record(self.stream)
+            else:
+                rows = torch.empty((2 * n, self.enc), dtype=torch.uint8, device=self.cache.device)
+                rows.copy_(slot.t[: 2 * n], non_blocking=True)
+                h2d = torch.cuda.Event()
+                h2d.record(self.stream)
+                slot.h2d_done = h2d
+            for dst, part in ((self.cache.key(chunk.layer), rows[:n]), (self.cache.value(chunk.layer), rows[n:])):
                 tmp = torch.empty(shape, dtype=dst.dtype, device=dst.device)
-                self.codec.decode(d[part, :n], tmp)
+                self.codec.decode(part, tmp)
                 dst.index_copy_(0, idx, tmp)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.pending[chunk.layer] = done
+        if self.on_device and sums is not None:
+            await device.wait_event(checked, key="kv sums")
+            self._compare(chunk, slot.sums_np[: 2 * n], sums)
 
-    def _check_and_decode(self, chunk: Chunk, slot: Staging | None) -> None:
-        ids = self.ids[chunk.start : chunk.stop]
-        n = chunk.n
-        if slot is None:
-            assert self.rows is not None
-            trailer = self.trailers.pop(chunk.index, None)
-            hasher = self.hashers.pop(chunk.index, None)
-            if trailer is not None and hasher is not None:
-                got = hasher.finish()
-                check_rows(got, trailer, request=self.request, chunk=chunk, dst_ids=ids, rank=self.rank)
+    def _compare(self, chunk: Chunk, got: np.ndarray[Any, Any], sums: np.ndarray[Any, Any]) -> None:
+        check_rows(got, sums, request=self.request, chunk=chunk, dst_ids=self.ids[chunk.start : chunk.stop],
+                   rank=self.rank)
+
+    def _check_inplace(self, chunk: Chunk) -> None:
+        assert self.rows is not None
+        sums = self.sums.pop(chunk.index, None)
+        hasher = self.hashers.pop(chunk.index, None)
+        if sums is None:
             return
-        if self.checksum:
-            got = hash_rows(slot.rows(n), np.empty(2 * n, dtype=np.uint64))
-            check_rows(got, slot.trailer[: 2 * n], request=self.request, chunk=chunk, dst_ids=ids, rank=self.rank)
+        ids = self.ids[chunk.start : chunk.stop]
+        if hasher is not None:
+            self._compare(chunk, hasher.finish(), sums)
+            return
+        k, v = self.rows.k[chunk.layer], self.rows.v[chunk.layer]  # "sum32" from a CUDA peer
+        got = np.concatenate([word_sums(t[s:e]) for t in (k, v) for s, e in runs(ids)])
+        self._compare(chunk, got, sums)
+
+    def _check_host(self, chunk: Chunk, slot: Staging, sums: np.ndarray[Any, Any] | None) -> None:
+        n = chunk.n
+        rows = slot.rows(n)
+        if sums is not None:
+            got = hash_rows(rows, np.empty(2 * n, dtype=np.uint64)) if self.kind == "xxh3" else word_sums(rows)
+            self._compare(chunk, got, sums)
         if self.cache.is_cuda:
             return
         torch = _torch()
         idx = self.idx[chunk.start : chunk.stop]
         shape = (n, *self.cache.layout.block_shape)
-        for dst, part in ((self.cache.key(chunk.layer), 0), (self.cache.value(chunk.layer), 1)):
+        for dst, part in ((self.cache.key(chunk.layer), slot.t[:n]), (self.cache.value(chunk.layer), slot.t[n:2 * n])):
             tmp = torch.empty(shape, dtype=dst.dtype)
-            self.codec.decode(slot.t[part, :n], tmp)
+            self.codec.decode(part, tmp)
             dst.index_copy_(0, idx, tmp)
 
     async def layer_done(self, layer: int) -> None:

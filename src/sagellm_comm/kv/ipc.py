@@ -180,7 +180,11 @@ def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, 
 
 
 class LayerCopier:
-    """Copies one layer at a time from the mapped sender cache into this cache, on a comm stream."""
+    """Copies every layer from the mapped sender cache into this cache, queued at once on a comm stream.
+
+    All layers' copies (and checksums) are queued up front, each followed by an event, so the GPU copies
+    back to back while `wait(layer)` reports layers in order as their events pass.
+    """
 
     def __init__(self, opened: Opened, cache: KVCache, dst_ids: list[int], src_ids: list[int], checksum: bool,
                  request: object, rank: int) -> None:
@@ -196,40 +200,67 @@ class LayerCopier:
         if opened.ready is not None:
             self.stream.wait_event(opened.ready)
         self.runs = paired_runs(src_ids, dst_ids)
-        self.src_idx = torch.tensor(src_ids, dtype=torch.long, device=cache.device)
-        self.dst_idx = torch.tensor(dst_ids, dtype=torch.long, device=cache.device)
+        self.few_runs = len(self.runs) <= MAX_SLICE_COPIES
+        if not self.few_runs:
+            self.src_idx = torch.tensor(src_ids, dtype=torch.long, device=cache.device)
+            self.dst_idx = torch.tensor(dst_ids, dtype=torch.long, device=cache.device)
+        self.events: list[Any] = []
+        self.diffs: list[Any] = []  # per layer (checksum): source sums - copy sums, key blocks then value blocks
 
     def _copy(self, src: Any, dst: Any) -> None:
-        if len(self.runs) <= MAX_SLICE_COPIES:
+        if self.few_runs:
             for s, d, n in self.runs:
                 dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
         else:
             dst.index_copy_(0, self.dst_idx, src.index_select(0, self.src_idx))
 
-    def _sums(self, t: Any, idx: Any) -> Any:
+    def _sums(self, t: Any, source: bool) -> Any:
+        """Per block of the request, the sum of its 32-bit words (bytes where a block is not whole words)."""
         torch = _torch()
-        rows = t.index_select(0, idx).view(torch.uint8).reshape(len(self.dst_ids), -1)
-        if rows.size(1) % 4 == 0:
-            rows = rows.view(torch.int32)
-        return rows.sum(1, dtype=torch.int64)
+        if self.few_runs:
+            parts = [t[s : s + n] if source else t[d : d + n] for s, d, n in self.runs]
+        else:
+            parts = [t.index_select(0, self.src_idx if source else self.dst_idx)]
+        out = []
+        for p in parts:
+            rows = p.view(torch.uint8).reshape(p.size(0), -1)
+            out.append((rows.view(torch.int32) if rows.size(1) % 4 == 0 else rows).sum(1, dtype=torch.int64))
+        return torch.cat(out)
 
-    async def copy(self, layer: int) -> None:
+    def fence(self) -> None:
+        """Order the cache owner's later work after every copy queued here (also those of a failed transfer)."""
+        _torch().cuda.current_stream(self.cache.device).wait_stream(self.stream)
+
+    def start(self) -> None:
         torch = _torch()
-        pairs = ((self.opened.keys[layer], self.cache.key(layer)), (self.opened.values[layer], self.cache.value(layer)))
-        sums = []
         with torch.cuda.stream(self.stream):
-            for src, dst in pairs:
-                self._copy(src, dst)
-                if self.checksum:
-                    sums.append((self._sums(src, self.src_idx), self._sums(dst, self.dst_idx)))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        await device.wait_event(done, key="kv ipc layer")
-        for kind, (a, b) in zip(("key", "value"), sums, strict=False):
-            bad = (a != b).nonzero()
-            if bad.numel():
-                pos = int(bad[0])
-                raise KVChecksumError(
-                    f"checksum mismatch in request {self.request!r}, layer {layer}, {kind} block {pos} of the "
-                    f"request (rank {self.rank}'s block id {self.dst_ids[pos]}) after the CUDA IPC copy",
-                    request_id=self.request, layer=layer, block=pos)
+            for layer in range(self.cache.layout.num_layers):
+                pairs = ((self.opened.keys[layer], self.cache.key(layer)),
+                         (self.opened.values[layer], self.cache.value(layer)))
+                diffs = []
+                for src, dst in pairs:
+                    self._copy(src, dst)
+                    if self.checksum:
+                        diffs.append(self._sums(src, True) - self._sums(dst, False))
+                if diffs:
+                    host = torch.empty(2 * len(self.dst_ids), dtype=torch.int64, pin_memory=True)
+                    host.copy_(torch.cat(diffs), non_blocking=True)
+                    self.diffs.append(host)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                self.events.append(ev)
+
+    async def wait(self, layer: int) -> None:
+        """Return once `layer` is copied and its checksums matched."""
+        await device.wait_event(self.events[layer], key="kv ipc layer")
+        if not self.checksum:
+            return
+        bad = self.diffs[layer].nonzero()
+        if bad.numel():
+            j = int(bad[0])
+            n = len(self.dst_ids)
+            kind, pos = ("key", j) if j < n else ("value", j - n)
+            raise KVChecksumError(
+                f"checksum mismatch in request {self.request!r}, layer {layer}, {kind} block {pos} of the "
+                f"request (rank {self.rank}'s block id {self.dst_ids[pos]}) after the CUDA IPC copy",
+                request_id=self.request, layer=layer, block=pos)

@@ -28,6 +28,7 @@ TAG_TO_SENDER = 1
 TAG_TO_RECEIVER = 2
 TAG_DATA = 3
 TAG_OFFER_IPC = 4
+TAG_SUMS = 5
 
 
 class IpcHandle(msgspec.Struct, array_like=True):
@@ -66,6 +67,7 @@ class Offer(msgspec.Struct, array_like=True):
     host: str  # host identity: CUDA IPC only between processes of one boot of one host
     device: str  # "cpu" or "cuda"
     ipc_bytes: int = 0  # size of the `OfferIpc` that follows on the transfer's channel (0: none)
+    checksum_kind: str = "xxh3"  # per row: "xxh3" (xxh3-64 of its bytes) or "sum32" (sum of its int32 words)
 
 
 class OfferIpc(msgspec.Struct, array_like=True):

@@ -63,6 +63,8 @@ if TYPE_CHECKING:
     from ..group import Communicator
 
 MAX_REQUEST_ID = 256
+CPU_CHUNK_BYTES = 8 << 20
+CUDA_CHUNK_BYTES = 32 << 20
 _DEFAULT: Any = object()
 
 
@@ -194,7 +196,8 @@ class KVChannel:
     codec: the sender's default codec (None, "fp8", "int8"); the receiver decodes
     whatever the sender chose. window: chunks in flight per transfer (the
     receiver's memory bound with a codec or a CUDA cache: window x chunk_bytes).
-    chunk_bytes: about how many wire bytes one chunk carries (at most one layer).
+    chunk_bytes: about how many wire bytes one chunk carries (at most one layer); default
+    8 MiB for a CPU cache, 32 MiB for a CUDA cache.
     checksum: an xxh3-64 checksum per block row of every chunk, checked on arrival
     (on the CUDA IPC path: a sum per block of source and copy, compared on the device).
     ipc: as a receiver, copy straight out of a sender's CUDA cache on this host
@@ -202,11 +205,13 @@ class KVChannel:
     """
 
     def __init__(self, comm: Communicator, cache: KVCache, *, name: str = "kv", codec: str | None = None,
-                 window: int = 4, chunk_bytes: int = 8 << 20, checksum: bool = True, ipc: bool = True) -> None:
+                 window: int = 4, chunk_bytes: int | None = None, checksum: bool = True, ipc: bool = True) -> None:
         if not isinstance(cache, KVCache):
             raise InvalidArgument(f"cache must be a sagellm_comm.kv.KVCache, got {type(cache).__name__}")
         if not isinstance(window, int) or window < 1:
             raise InvalidArgument(f"window must be a positive int, got {window!r}")
+        if chunk_bytes is None:  # a CUDA chunk costs a few device waits and DMA setups: make them count
+            chunk_bytes = CUDA_CHUNK_BYTES if cache.is_cuda else CPU_CHUNK_BYTES
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise InvalidArgument(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         if "|" in name:
@@ -450,7 +455,7 @@ class LayerStream:
                     opened = cuda_ipc.try_open(chan._ipc_opened, offer, extra, chan.cache, peer)
             if opened is not None:
                 await _notify(engine, peer, ch, Notice("accept", path="ipc"), clock)
-                copier = cuda_ipc.LayerCopier(opened, chan.cache, ids, extra.block_ids, offer.checksum, request_id,
+                copier = cuda_ipc.LayerCopier(opened, chan._memory, ids, extra.block_ids, offer.checksum, request_id,
                                               chan.comm.rank)
                 copier.start()
                 for layer in range(layout.num_layers):
@@ -526,6 +531,7 @@ class LayerStream:
                 sink.close()
             if copier is not None:
                 copier.fence()
+                copier.close()
             if ch is not None:
                 engine.discard_channel(ch)
             chan._busy.discard(slot)

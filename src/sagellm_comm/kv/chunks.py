@@ -240,6 +240,20 @@ class ChannelMemory:
         free = self._free.get(("device", blocks, enc))
         return free.pop() if free else DeviceRows(blocks, enc, self.cache.device)
 
+    def pinned_i64(self, count: int) -> Any:
+        """A page-locked int64 tensor of at least `count` elements (give it back with `release_pinned`)."""
+        size = 1 << max(10, (count - 1).bit_length())
+        free = self._free.get(("pinned", size, 0))
+        if free:
+            return free.pop()
+        torch = _torch()
+        return torch.empty(size, dtype=torch.int64, pin_memory=True)
+
+    def release_pinned(self, t: Any) -> None:
+        free = self._free.setdefault(("pinned", int(t.numel()), 0), [])
+        if len(free) < 8:
+            free.append(t)
+
     def release(self, slots: Sequence[Staging | DeviceRows]) -> None:
         for s in slots:
             free = self._free.setdefault(("host" if isinstance(s, Staging) else "device", s.blocks, s.enc), [])
@@ -285,8 +299,14 @@ class ChunkSource:
             torch = _torch()
             self.stream = device.comm_stream(cache.device, 0)
             self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the writer's queued kernels
-        if not self.inplace:
-            self.idx = _torch().tensor(ids, dtype=_torch().long, device=cache.device)
+        elif not self.inplace:
+            self.idx = _torch().tensor(ids, dtype=_torch().long)  # before worker threads use it
+
+    def _index(self, chunk: Chunk) -> Any:
+        """The chunk's block ids as a tensor on the cache's device (made on first use: IPC needs none)."""
+        if self.idx is None:
+            self.idx = _torch().tensor(self.ids, dtype=_torch().long, device=self.cache.device)
+        return self.idx[chunk.start : chunk.stop]
 
     def _slot(self, chunk: Chunk) -> Any:
         i = chunk.index % (self.lookahead + 1)
@@ -308,7 +328,7 @@ class ChunkSource:
         if not self.cache.is_cuda:
             return workers().submit(self._encoded, chunk, slot)
         torch = _torch()
-        idx = self.idx[chunk.start : chunk.stop]
+        idx = self._index(chunk)
         n, layer = chunk.n, chunk.layer
         with torch.cuda.stream(self.stream):
             self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[:n])
@@ -340,7 +360,7 @@ class ChunkSource:
         return Outgoing(pieces, bytes_view(sums))
 
     def _encoded(self, chunk: Chunk, slot: Staging) -> Outgoing:
-        idx = self.idx[chunk.start : chunk.stop]
+        idx = self._index(chunk)
         n, layer = chunk.n, chunk.layer
         self.codec.encode(self.cache.key(layer).index_select(0, idx), slot.t[:n])
         self.codec.encode(self.cache.value(layer).index_select(0, idx), slot.t[n : 2 * n])

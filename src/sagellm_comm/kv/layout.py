@@ -133,13 +133,16 @@ class KVCache:
 
     def check_blocks(self, block_ids: Sequence[int], what: str) -> list[int]:
         """`block_ids` as a list of in-range ints, or InvalidArgument naming the bad one."""
-        ids = list(block_ids) if not _is_tensor(block_ids) else [int(i) for i in block_ids]
+        ids = [int(i) for i in block_ids] if _is_tensor(block_ids) else list(block_ids)
         if not ids:
             raise InvalidArgument(f"{what}: no block ids given")
-        for i in ids:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_blocks:
-                raise InvalidArgument(f"{what}: block id {i!r} is out of range for a cache of "
-                                      f"{self.num_blocks} blocks")
+        if not all(type(i) is int for i in ids):  # fast path first: requests have thousands of blocks
+            wrong = next(i for i in ids if type(i) is not int)
+            raise InvalidArgument(f"{what}: block id {wrong!r} is not an int")
+        if min(ids) < 0 or max(ids) >= self.num_blocks:
+            out = next(i for i in ids if not 0 <= i < self.num_blocks)
+            raise InvalidArgument(f"{what}: block id {out!r} is out of range for a cache of "
+                                  f"{self.num_blocks} blocks")
         if len(set(ids)) != len(ids):
             raise InvalidArgument(f"{what}: block ids repeat ({ids[:16]}{'...' if len(ids) > 16 else ''})")
         return ids

@@ -389,13 +389,9 @@ def test_word_sums_are_the_same_on_host_and_through_torch() -> None:
         assert (word_sums(flipped.numpy()) != host).nonzero()[0].tolist() == [4]
 
 
-def test_ipc_copy_plan_finds_runs_and_layers_that_one_copy_covers() -> None:
-    from sagellm_comm.kv.ipc import layer_groups, paired_runs, stacked
+def test_ipc_copy_plan_finds_runs_where_both_id_lists_count_up() -> None:
+    from sagellm_comm.kv.ipc import paired_runs
 
     assert paired_runs([5, 6, 7, 2, 3, 9], [0, 1, 2, 3, 4, 8]) == [(5, 0, 3), (2, 3, 2), (9, 8, 1)]
-    assert layer_groups(10, 4) == [(0, 1), (1, 5), (5, 9), (9, 10)]
-    cache = kv.KVCache.allocate(LAYOUT, 6)
-    keys = stacked([cache.key(i) for i in range(LAYOUT.num_layers)])
-    keys[2, 3].fill_(7)  # the view is the cache's memory, layer by layer
-    assert bool((cache.key(2)[3] == 7).all()) and not cache.key(1).any() and not cache.value(2).any()
-    assert stacked([torch.zeros(6, *LAYOUT.block_shape) for _ in range(3)]) is None  # separate allocations
+    assert paired_runs([1, 2, 3], [7, 9, 10]) == [(1, 7, 1), (2, 9, 2)]
+    assert paired_runs([4], [0]) == [(4, 0, 1)]

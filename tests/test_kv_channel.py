@@ -395,3 +395,15 @@ def test_ipc_copy_plan_finds_runs_where_both_id_lists_count_up() -> None:
     assert paired_runs([5, 6, 7, 2, 3, 9], [0, 1, 2, 3, 4, 8]) == [(5, 0, 3), (2, 3, 2), (9, 8, 1)]
     assert paired_runs([1, 2, 3], [7, 9, 10]) == [(1, 7, 1), (2, 9, 2)]
     assert paired_runs([4], [0]) == [(4, 0, 1)]
+
+
+def test_ipc_copy_plan_stacks_layers_that_one_copy_can_cover() -> None:
+    from sagellm_comm.kv.ipc import as_words, layer_groups, stacked
+
+    assert layer_groups(10, 4) == [(0, 1), (1, 5), (5, 9), (9, 10)]
+    cache = kv.KVCache.allocate(LAYOUT, 6)
+    slabs = stacked([t for i in range(LAYOUT.num_layers) for t in (cache.key(i), cache.value(i))])
+    as_words(slabs[5, 3]).fill_(-1)  # slab 5 is layer 2's values: the view is the cache's own memory
+    assert bool(cache.value(2)[3].isnan().all()) and not cache.key(2).any() and not cache.value(1).any()
+    assert as_words(slabs).dtype == torch.int64  # head dim 16 x 2 bytes: whole 8-byte words
+    assert stacked([torch.zeros(6, *LAYOUT.block_shape) for _ in range(3)]) is None  # separate allocations

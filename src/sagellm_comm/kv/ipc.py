@@ -31,6 +31,7 @@ from .protocol import IpcHandle, IpcTensor, Offer, OfferIpc
 log = logging.getLogger("sagellm_comm.kv")
 
 MAX_SLICE_COPIES = 64  # more separate runs than this per layer: one gather/scatter pair instead
+GROUP_LAYERS = 8  # layers per copy after the first, where the caches allow (a group is reported whole)
 
 
 @cache
@@ -179,12 +180,46 @@ def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, 
     return [(int(a[i]), int(b[i]), int(j - i)) for i, j in zip(starts, ends, strict=True)]
 
 
+def stacked(tensors: Sequence[Any]) -> Any:
+    """The tensors as one strided view [len, ...] where they sit evenly spaced in one allocation (as
+    `KVCache.allocate` lays out every layer's K and V); None otherwise. One copy then covers many."""
+    t0 = tensors[0]
+    if len(tensors) == 1:
+        return t0.unsqueeze(0)
+    step = tensors[1].storage_offset() - t0.storage_offset()
+    base = t0.untyped_storage().data_ptr()
+    if step <= 0:
+        return None
+    for i, t in enumerate(tensors):
+        if (t.untyped_storage().data_ptr() != base or t.storage_offset() != t0.storage_offset() + i * step
+                or t.stride() != t0.stride() or t.shape != t0.shape):
+            return None
+    return t0.as_strided((len(tensors), *t0.shape), (step, *t0.stride()), t0.storage_offset())
+
+
+def as_words(t: Any) -> Any:
+    """`t` viewed as the widest integers its rows split into: a strided copy moves 8 bytes per element
+    instead of 2 (measured on an H100: 98% of a contiguous copy's rate as int64, 55% as bf16)."""
+    torch = _torch()
+    row = t.size(-1) * t.element_size()
+    for dt in (torch.int64, torch.int32):
+        if row % dt.itemsize == 0:
+            return t.view(dt)
+    return t.view(torch.uint8)
+
+
+def layer_groups(num_layers: int, size: int) -> list[tuple[int, int]]:
+    """Layer 0 alone (decode can start on it at once), then groups of `size` layers."""
+    return [(0, 1)] + [(g, min(num_layers, g + size)) for g in range(1, num_layers, size)]
+
+
 class LayerCopier:
     """Copies every layer from the mapped sender cache into this cache, queued at once on a comm stream.
 
-    Everything is queued up front, each layer followed by an event, so the GPU copies back to back
-    while `wait(layer)` reports layers in order as their events pass. (One strided copy per group of
-    layers launched less, but ran at ~40% of a contiguous copy's rate on an H100: per-layer copies won.)
+    Everything is queued up front, each group of layers followed by an event, so the GPU copies back
+    to back while `wait(layer)` reports layers in order as their groups' events pass. Where both caches
+    keep all K and V slabs evenly in one allocation, one strided copy per run of blocks covers a whole
+    group of layers (a launch costs ~20 us of CPU, about what a 1k-token layer takes to copy).
     """
 
     def __init__(self, opened: Opened, memory: ChannelMemory, dst_ids: list[int], src_ids: list[int],
@@ -208,41 +243,63 @@ class LayerCopier:
             self.src_idx = torch.tensor(src_ids, dtype=torch.long, device=cache.device)
             self.dst_idx = torch.tensor(dst_ids, dtype=torch.long, device=cache.device)
         layers = cache.layout.num_layers
-        self.pairs = [(opened.keys, [cache.key(i) for i in range(layers)]),
-                      (opened.values, [cache.value(i) for i in range(layers)])]
-        self.events: list[Any] = []  # per layer
+        # slabs in layer order, K then V: slab 2l is layer l's keys, 2l + 1 its values
+        self.src_slabs = [t for i in range(layers) for t in (opened.keys[i], opened.values[i])]
+        self.dst_slabs = [t for i in range(layers) for t in (cache.key(i), cache.value(i))]
+        src_all = stacked(self.src_slabs) if self.few_runs else None
+        dst_all = stacked(self.dst_slabs) if src_all is not None else None
+        self.stacks: tuple[Any, Any] | None = (src_all, dst_all) if dst_all is not None else None
+        self.groups = layer_groups(layers, GROUP_LAYERS) if self.stacks else [(i, i + 1) for i in range(layers)]
+        self.events: list[Any] = []  # per group
         self.diffs: Any = None  # (checksum) per layer: source sums - copy sums, key blocks then value blocks
 
     @staticmethod
     def _sums(parts: list[Any]) -> Any:
-        """Per block of the request, the sum of its 32-bit words (bytes where a block is not whole words)."""
+        """Per slab and block, the sum of its 32-bit words (bytes where a block is not whole words): [slabs, blocks]."""
         torch = _torch()
         out = []
-        for p in parts:
-            rows = p.reshape(p.size(0), -1).view(torch.uint8)
-            out.append((rows.view(torch.int32) if rows.size(1) % 4 == 0 else rows).sum(1, dtype=torch.int64))
-        return out[0] if len(out) == 1 else torch.cat(out)
+        for p in parts:  # [slabs, n, block_size, heads, head_dim]
+            rows = p.reshape(p.size(0), p.size(1), -1).view(torch.uint8)
+            out.append((rows.view(torch.int32) if rows.size(2) % 4 == 0 else rows).sum(2, dtype=torch.int64))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
-    def _layer(self, layer: int) -> Any:
-        """Queue the copies (and checksums) of `layer`; returns its [2 x blocks] diffs or None."""
+    def _group(self, g0: int, g1: int) -> Any:
+        """Queue the copies (and checksums) of layers [g0, g1); returns their diffs, flat, or None."""
         torch = _torch()
-        diffs = []
-        for src_layers, dst_layers in self.pairs:
-            src, dst = src_layers[layer], dst_layers[layer]
-            if self.few_runs:
-                s_parts, d_parts = [], []
-                for s, d, n in self.runs:
-                    sp, dp = src[s : s + n], dst[d : d + n]
-                    dp.copy_(sp, non_blocking=True)
-                    s_parts.append(sp)
-                    d_parts.append(dp)
-            else:
-                s_parts = [src.index_select(0, self.src_idx)]
-                dst.index_copy_(0, self.dst_idx, s_parts[0])
-                d_parts = [dst.index_select(0, self.dst_idx)] if self.checksum else []
-            if self.checksum:
-                diffs.append(self._sums(s_parts) - self._sums(d_parts))
-        return torch.cat(diffs) if diffs else None
+        a, b = 2 * g0, 2 * g1
+        if self.stacks is not None:
+            src, dst = self.stacks
+            s_parts = [src[a:b, s : s + n] for s, _, n in self.runs]
+            d_parts = [dst[a:b, d : d + n] for _, d, n in self.runs]
+            for sp, dp in zip(s_parts, d_parts, strict=True):
+                as_words(dp).copy_(as_words(sp), non_blocking=True)
+        elif self.few_runs:
+            s_parts, d_parts = [], []
+            for i in range(a, b):
+                sl, dl = self.src_slabs[i], self.dst_slabs[i]
+                sp = [sl[s : s + n] for s, _, n in self.runs]
+                dp = [dl[d : d + n] for _, d, n in self.runs]
+                for x, y in zip(sp, dp, strict=True):
+                    y.copy_(x, non_blocking=True)
+                if self.checksum:  # the slab's runs, gathered to be summed
+                    s_parts.append(torch.cat(sp) if len(sp) > 1 else sp[0])
+                    d_parts.append(torch.cat(dp) if len(dp) > 1 else dp[0])
+            if not self.checksum:
+                return None
+            s_parts, d_parts = [torch.stack(s_parts)], [torch.stack(d_parts)]
+        else:
+            s_parts, d_parts = [], []
+            for i in range(a, b):
+                picked = self.src_slabs[i].index_select(0, self.src_idx)
+                self.dst_slabs[i].index_copy_(0, self.dst_idx, picked)
+                s_parts.append(picked)
+                if self.checksum:
+                    d_parts.append(self.dst_slabs[i].index_select(0, self.dst_idx))
+            s_parts = [torch.stack(s_parts)]
+            d_parts = [torch.stack(d_parts)] if d_parts else []
+        if not self.checksum:
+            return None
+        return (self._sums(s_parts) - self._sums(d_parts)).reshape(-1)
 
     def fence(self) -> None:
         """Order the cache owner's later work after every copy queued here (also those of a failed transfer)."""
@@ -256,21 +313,21 @@ class LayerCopier:
     def start(self) -> None:
         torch = _torch()
         n2 = 2 * len(self.dst_ids)
-        layers = self.cache.layout.num_layers
-        if self.checksum:
-            self.diffs = self.memory.pinned_i64(layers * n2)
+        host = self.memory.pinned_i64(self.cache.layout.num_layers * n2) if self.checksum else None
+        self.diffs = host
         with torch.cuda.stream(self.stream):
-            for layer in range(layers):
-                diffs = self._layer(layer)
-                if diffs is not None:
-                    self.diffs[layer * n2 : (layer + 1) * n2].copy_(diffs, non_blocking=True)
+            for g0, g1 in self.groups:
+                diffs = self._group(g0, g1)
+                if diffs is not None and host is not None:
+                    host[g0 * n2 : g1 * n2].copy_(diffs, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
                 self.events.append(ev)
 
     async def wait(self, layer: int) -> None:
         """Return once `layer` is copied and its checksums matched."""
-        await device.wait_event(self.events[layer], key="kv ipc layer")
+        group = next(i for i, (g0, g1) in enumerate(self.groups) if g0 <= layer < g1)
+        await device.wait_event(self.events[group], key="kv ipc layers")
         if not self.checksum:
             return
         n2 = 2 * len(self.dst_ids)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 MAX_REQUEST_ID = 256
 CPU_CHUNK_BYTES = 8 << 20
-CUDA_CHUNK_BYTES = 32 << 20
+CUDA_CHUNK_BYTES = 64 << 20  # one DMA frame (scheduler.engine.DEVICE_FRAME_BYTES)
 _DEFAULT: Any = object()
 
 
@@ -197,7 +197,7 @@ class KVChannel:
     whatever the sender chose. window: chunks in flight per transfer (the
     receiver's memory bound with a codec or a CUDA cache: window x chunk_bytes).
     chunk_bytes: about how many wire bytes one chunk carries (at most one layer); default
-    8 MiB for a CPU cache, 32 MiB for a CUDA cache.
+    8 MiB for a CPU cache, 64 MiB for a CUDA cache.
     checksum: an xxh3-64 checksum per block row of every chunk, checked on arrival
     (on the CUDA IPC path: a sum per block of source and copy, compared on the device).
     ipc: as a receiver, copy straight out of a sender's CUDA cache on this host

@@ -395,6 +395,7 @@ class ChunkSink:
         self.hashers: dict[int, RowHasher] = {}
         self.sums: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where the sender's checksums land
         self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
+        self.checks: dict[int, list[tuple[Chunk, Any, np.ndarray[Any, Any]]]] = {}  # layer -> device sums to compare
         torch = _torch()
         self.stream: Any = None
         self.idx: Any = None
@@ -414,6 +415,10 @@ class ChunkSink:
     def close(self) -> None:
         self.memory.release(self.slots)
         self.slots = []
+        for checks in self.checks.values():  # a transfer that ended early: its sums were never compared
+            for _, got, _ in checks:
+                self.memory.release_pinned(got)
+        self.checks.clear()
 
     def fence(self) -> None:
         """Order the cache owner's later work after every copy this transfer queued (also a failed one's)."""
@@ -462,10 +467,10 @@ class ChunkSink:
         with torch.cuda.stream(self.stream):
             if self.on_device:
                 rows = slot.t[: 2 * n]
-                if sums is not None:
-                    slot.sums[: 2 * n].copy_(device_word_sums(rows), non_blocking=True)
-                    checked = torch.cuda.Event()
-                    checked.record(self.stream)
+                if sums is not None:  # compared when the layer is done: the loop goes on posting receives
+                    got = self.memory.pinned_i64(2 * n)
+                    got[: 2 * n].copy_(device_word_sums(rows), non_blocking=True)
+                    self.checks.setdefault(chunk.layer, []).append((chunk, got, sums))
             else:
                 rows = torch.empty((2 * n, self.enc), dtype=torch.uint8, device=self.cache.device)
                 rows.copy_(slot.t[: 2 * n], non_blocking=True)
@@ -479,9 +484,6 @@ class ChunkSink:
             done = torch.cuda.Event()
             done.record(self.stream)
         self.pending[chunk.layer] = done
-        if self.on_device and sums is not None:
-            await device.wait_event(checked, key="kv sums")
-            self._compare(chunk, slot.sums_np[: 2 * n], sums)
 
     def _compare(self, chunk: Chunk, got: np.ndarray[Any, Any], sums: np.ndarray[Any, Any]) -> None:
         check_rows(got, sums, request=self.request, chunk=chunk, dst_ids=self.ids[chunk.start : chunk.stop],
@@ -518,7 +520,13 @@ class ChunkSink:
             dst.index_copy_(0, idx, tmp)
 
     async def layer_done(self, layer: int) -> None:
-        """Return once every write of `layer` into the cache has finished (CUDA: on the device)."""
+        """Return once every write of `layer` into the cache has finished (CUDA: on the device) and
+        every checksum of it matched."""
         ev = self.pending.pop(layer, None)
         if ev is not None:
             await device.wait_event(ev, key="kv layer")
+        for chunk, got, sums in self.checks.pop(layer, []):
+            try:
+                self._compare(chunk, got.numpy()[: 2 * chunk.n].view(np.uint64), sums)
+            finally:
+                self.memory.release_pinned(got)

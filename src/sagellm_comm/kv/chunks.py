@@ -269,7 +269,53 @@ class Outgoing:
     sums: memoryview | None
 
 
-class ChunkSource:
+class _ChunkEnd:
+    """What both ends of a transfer's chunk stream hold: the cache, the request's block ids in it, the
+    codec, a communication stream for a CUDA cache, and `n_slots` reused row buffers."""
+
+    def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool, chunk_blocks: int,
+                 n_slots: int, on_device: bool) -> None:
+        cache = memory.cache
+        self.memory = memory
+        self.cache = cache
+        self.ids = ids
+        self.codec = get_codec(codec_name)
+        self.checksum = checksum
+        self.enc = self.codec.encoded_block_bytes(cache.layout)
+        self.inplace = not cache.is_cuda and self.codec.name == "none"
+        self.rows = memory.rows() if self.inplace else None
+        self.chunk_blocks = chunk_blocks
+        self.n_slots = n_slots
+        self.on_device = on_device  # rows in device memory (else host rows)
+        self.slots: list[Any] = []
+        self.stream: Any = None
+        self.idx: Any = None
+        if cache.is_cuda:
+            self.stream = device.comm_stream(cache.device, 0)
+            self.stream.wait_stream(_torch().cuda.current_stream(cache.device))  # after the owner's queued work
+
+    def _ids_tensor(self) -> Any:
+        """The block ids as a tensor on the cache's device (made on first use: IPC needs none)."""
+        if self.idx is None:
+            self.idx = _torch().tensor(self.ids, dtype=_torch().long, device=self.cache.device)
+        return self.idx
+
+    def _index(self, chunk: Chunk) -> Any:
+        return self._ids_tensor()[chunk.start : chunk.stop]
+
+    def _slot(self, chunk: Chunk) -> Any:
+        i = chunk.index % self.n_slots
+        while len(self.slots) <= i:
+            make = self.memory.device_rows if self.on_device else self.memory.staging
+            self.slots.append(make(self.chunk_blocks, self.enc))
+        return self.slots[i]
+
+    def close(self) -> None:
+        self.memory.release(self.slots)
+        self.slots = []
+
+
+class ChunkSource(_ChunkEnd):
     """The sender's side: `prepare(chunk)` starts making its messages, `ready(...)` gives them.
 
     For a CUDA cache `prepare` only queues the gather, encode and checksums on a
@@ -281,43 +327,11 @@ class ChunkSource:
 
     def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool,
                  chunk_blocks: int) -> None:
-        cache = memory.cache
-        self.memory = memory
-        self.cache = cache
-        self.ids = ids
-        self.codec = get_codec(codec_name)
-        self.checksum = checksum
-        self.checksum_kind = "sum32" if cache.is_cuda else "xxh3"
-        self.enc = self.codec.encoded_block_bytes(cache.layout)
-        self.inplace = not cache.is_cuda and self.codec.name == "none"
-        self.rows = memory.rows() if self.inplace else None
-        self.slots: list[Any] = []
-        self.chunk_blocks = chunk_blocks
-        self.stream: Any = None
-        self.idx: Any = None
-        if cache.is_cuda:
-            torch = _torch()
-            self.stream = device.comm_stream(cache.device, 0)
-            self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the writer's queued kernels
-        elif not self.inplace:
-            self.idx = _torch().tensor(ids, dtype=_torch().long)  # before worker threads use it
-
-    def _index(self, chunk: Chunk) -> Any:
-        """The chunk's block ids as a tensor on the cache's device (made on first use: IPC needs none)."""
-        if self.idx is None:
-            self.idx = _torch().tensor(self.ids, dtype=_torch().long, device=self.cache.device)
-        return self.idx[chunk.start : chunk.stop]
-
-    def _slot(self, chunk: Chunk) -> Any:
-        i = chunk.index % (self.lookahead + 1)
-        while len(self.slots) <= i:
-            make = self.memory.device_rows if self.cache.is_cuda else self.memory.staging
-            self.slots.append(make(self.chunk_blocks, self.enc))
-        return self.slots[i]
-
-    def close(self) -> None:
-        self.memory.release(self.slots)
-        self.slots = []
+        is_cuda = memory.cache.is_cuda
+        super().__init__(memory, ids, codec_name, checksum, chunk_blocks, self.lookahead + 1, on_device=is_cuda)
+        self.checksum_kind = "sum32" if is_cuda else "xxh3"
+        if not is_cuda and not self.inplace:
+            self._ids_tensor()  # made here, before worker threads use it
 
     def prepare(self, chunk: Chunk) -> Any:
         """Start making `chunk`'s messages: device work is queued here, CPU work goes to a thread."""
@@ -370,51 +384,26 @@ class ChunkSource:
         return Outgoing(Pieces([bytes_view(rows)]), bytes_view(slot.sums[: 2 * n]) if self.checksum else None)
 
 
-class ChunkSink:
+class ChunkSink(_ChunkEnd):
     """The receiver's side: where chunk `i`'s messages land (`targets`), and writing it into the cache (`land`)."""
 
     def __init__(self, memory: ChannelMemory, ids: list[int], codec_name: str, checksum: bool, checksum_kind: str,
                  chunk_blocks: int, window: int, request: object, rank: int) -> None:
-        cache = memory.cache
-        self.memory = memory
-        self.cache = cache
-        self.ids = ids
-        self.codec = get_codec(codec_name)
-        self.checksum = checksum
-        self.kind = checksum_kind
-        self.enc = self.codec.encoded_block_bytes(cache.layout)
-        self.inplace = not cache.is_cuda and self.codec.name == "none"
-        self.rows = memory.rows() if self.inplace else None
         # rows of a CUDA cache land on the device, unless they carry host checksums (xxh3 from a CPU peer)
-        self.on_device = cache.is_cuda and not (checksum and checksum_kind == "xxh3")
-        self.window = window
+        on_device = memory.cache.is_cuda and not (checksum and checksum_kind == "xxh3")
+        super().__init__(memory, ids, codec_name, checksum, chunk_blocks, window, on_device)
+        self.kind = checksum_kind
         self.request = request
         self.rank = rank
-        self.chunk_blocks = chunk_blocks
-        self.slots: list[Any] = []
         self.hashers: dict[int, RowHasher] = {}
         self.sums: dict[int, np.ndarray[Any, Any]] = {}  # chunk -> where the sender's checksums land
         self.pending: dict[int, Any] = {}  # layer -> event of its last copy into the cache (CUDA)
         self.checks: dict[int, list[tuple[Chunk, Any, np.ndarray[Any, Any]]]] = {}  # layer -> device sums to compare
-        torch = _torch()
-        self.stream: Any = None
-        self.idx: Any = None
-        if cache.is_cuda:
-            self.stream = device.comm_stream(cache.device, 0)
-            self.stream.wait_stream(torch.cuda.current_stream(cache.device))  # after the owner's queued reads
         if not self.inplace:
-            self.idx = torch.tensor(ids, dtype=torch.long, device=cache.device)
-
-    def _slot(self, chunk: Chunk) -> Any:
-        i = chunk.index % self.window
-        while len(self.slots) <= i:
-            make = self.memory.device_rows if self.on_device else self.memory.staging
-            self.slots.append(make(self.chunk_blocks, self.enc))
-        return self.slots[i]
+            self._ids_tensor()  # made here, before worker threads use it
 
     def close(self) -> None:
-        self.memory.release(self.slots)
-        self.slots = []
+        super().close()
         for checks in self.checks.values():  # a transfer that ended early: its sums were never compared
             for _, got, _ in checks:
                 self.memory.release_pinned(got)
@@ -462,7 +451,7 @@ class ChunkSink:
             if not self.cache.is_cuda:
                 return
         torch = _torch()
-        idx = self.idx[chunk.start : chunk.stop]
+        idx = self._index(chunk)
         shape = (n, *self.cache.layout.block_shape)
         with torch.cuda.stream(self.stream):
             if self.on_device:
@@ -512,7 +501,7 @@ class ChunkSink:
         if self.cache.is_cuda:
             return
         torch = _torch()
-        idx = self.idx[chunk.start : chunk.stop]
+        idx = self._index(chunk)
         shape = (n, *self.cache.layout.block_shape)
         for dst, part in ((self.cache.key(chunk.layer), slot.t[:n]), (self.cache.value(chunk.layer), slot.t[n:2 * n])):
             tmp = torch.empty(shape, dtype=dst.dtype)

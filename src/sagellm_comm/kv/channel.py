@@ -19,6 +19,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -303,6 +304,7 @@ class KVChannel:
         inbox = _Inbox(engine, peer, (ch, -1, TAG_TO_SENDER))
         wire = 0
         sent_at = 0.0
+        pending: deque[Any] = deque()  # chunks being made ahead of the one on the wire
 
         async def next_notice() -> Notice:
             while True:
@@ -323,7 +325,6 @@ class KVChannel:
             path = accept.path
             if path == "stream":
                 credit = accept.value
-                pending: deque[Any] = deque()
                 for i, c in enumerate(chunks):
                     while len(pending) < source.lookahead + 1 and i + len(pending) < len(chunks):
                         pending.append(source.prepare(chunks[i + len(pending)]))
@@ -356,7 +357,7 @@ class KVChannel:
         finally:
             del ready  # the IPC event the receiver waited on lives until here
             inbox.close()
-            source.close()
+            source.close(in_use=any(isinstance(t, Future) and not t.done() for t in pending))
             engine.discard_channel(ch)
         self.counters["transfers_sent"] += 1
         return TransferStats(request_id, wire, 2 * len(ids) * layout.num_layers * layout.block_bytes,

@@ -310,8 +310,11 @@ class _ChunkEnd:
             self.slots.append(make(self.chunk_blocks, self.enc))
         return self.slots[i]
 
-    def close(self) -> None:
-        self.memory.release(self.slots)
+    def close(self, in_use: bool = False) -> None:
+        """Give the row buffers back for the next transfer; `in_use`: a worker thread may still write
+        them (a transfer that ended early), so they are left to the garbage collector instead."""
+        if not in_use:
+            self.memory.release(self.slots)
         self.slots = []
 
 
@@ -402,8 +405,8 @@ class ChunkSink(_ChunkEnd):
         if not self.inplace:
             self._ids_tensor()  # made here, before worker threads use it
 
-    def close(self) -> None:
-        super().close()
+    def close(self, in_use: bool = False) -> None:
+        super().close(in_use)
         for checks in self.checks.values():  # a transfer that ended early: its sums were never compared
             for _, got, _ in checks:
                 self.memory.release_pinned(got)

@@ -39,8 +39,9 @@ def test_killed_sender_is_peer_lost_on_the_receiver(backend: str, transport: str
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_high_priority_collective_is_not_queued_behind_a_bulk_transfer(transport: str) -> None:
-    with Ranks("priority", "asyncio", transport) as ranks:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_high_priority_collective_is_not_queued_behind_a_bulk_transfer(backend: str, transport: str) -> None:
+    with Ranks("priority", backend, transport) as ranks:
         results = ranks.results(timeout=120, clean_exit=True)
     for r, res in results.items():
         assert res["ok"], (r, res)

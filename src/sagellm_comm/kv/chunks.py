@@ -196,7 +196,6 @@ class Staging:
         torch = _torch()
         self.blocks = blocks
         self.enc = enc
-        self.pinned = pinned
         self.t = torch.empty((2 * blocks, enc), dtype=torch.uint8, pin_memory=pinned)
         self.np: np.ndarray[Any, Any] = self.t.numpy()
         self.sums = np.empty(2 * blocks, dtype=np.uint64)

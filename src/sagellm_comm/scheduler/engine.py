@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,23 +220,8 @@ class Engine:
 
     def _spawn_control(self, peer: Peer, msg: wire.Message) -> None:
         """Send a control frame in the background; `close` flushes these before its Bye."""
-        if self._tg is None or not peer.alive:
-            return
-        self._controls += 1
-        self._tg.start_soon(self._send_control, peer, msg)
-
-    async def _send_control(self, peer: Peer, msg: wire.Message) -> None:
-        try:
-            if peer.alive and not self._said_bye:
-                with anyio.move_on_after(self.config.heartbeat_timeout):
-                    await peer.conn.send_frame(wire.encode(msg), priority=CONTROL_PRIORITY)
-        except PeerLost as e:
-            self.lose_peer(peer, str(e))
-        finally:
-            self._controls -= 1
-            if not self._controls:
-                self._controls_idle.set()
-                self._controls_idle = anyio.Event()
+        frame = wire.encode(msg)
+        self._spawn_flushed(peer, lambda: peer.conn.send_frame(frame, priority=CONTROL_PRIORITY))
 
     def notify(self, dst: int, channel: Channel, payload: bytes) -> None:
         """Send a small p2p message in the background, ahead of queued data.
@@ -244,18 +230,27 @@ class Engine:
         transfer telling the other side it gave up); `close` flushes these first.
         """
         peer = self.peers.get(dst)
-        if self._tg is None or peer is None or not peer.alive or self.closed is not None:
+        if peer is None or self.closed is not None:
+            return
+        self._spawn_flushed(peer, lambda: self._send_message(peer, channel, memoryview(payload), None,
+                                                             CONTROL_PRIORITY))
+
+    def _spawn_flushed(self, peer: Peer, send: Callable[[], Awaitable[None]]) -> None:
+        """Run `send()` in the engine's task group, counted so that `close` waits for it before its Bye."""
+        if self._tg is None or not peer.alive:
             return
         self._controls += 1
-        self._tg.start_soon(self._send_notice, peer, channel, payload)
+        self._tg.start_soon(self._run_flushed, peer, send)
 
-    async def _send_notice(self, peer: Peer, channel: Channel, payload: bytes) -> None:
+    async def _run_flushed(self, peer: Peer, send: Callable[[], Awaitable[None]]) -> None:
         try:
             if peer.alive and not self._said_bye:
                 with anyio.move_on_after(self.config.heartbeat_timeout):
-                    await self._send_message(peer, channel, memoryview(payload), None, CONTROL_PRIORITY)
+                    await send()
+        except PeerLost as e:
+            self.lose_peer(peer, str(e))
         except CommError:
-            pass  # the peer is gone or we are closing: nobody is left to tell
+            pass  # we are closing: nobody is left to tell
         finally:
             self._controls -= 1
             if not self._controls:

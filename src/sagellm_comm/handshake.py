@@ -13,6 +13,8 @@ from .errors import AuthError, CommError, PeerLost, ProtocolError
 from .transports.base import Connection
 from .wire import Challenge, Hello, Reject, Welcome
 
+TIMEOUT = 10.0  # seconds an accepted connection has to authenticate before it is dropped
+
 
 async def read_small_frame(conn: Connection) -> wire.Message:
     prefix = await conn.recv_exactly(wire.PREFIX_SIZE)

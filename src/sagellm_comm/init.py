@@ -17,8 +17,9 @@ from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, urlparse
 
 import anyio
+import anyio.abc
 
-from . import handshake, rendezvous, wire
+from . import handshake, rendezvous, security, wire
 from .errors import AuthError, CommError, CommTimeout, InvalidArgument, unwrap_group_errors
 from .group import DEFAULT_CHUNK_BYTES, Communicator
 from .scheduler.engine import Engine, EngineConfig
@@ -31,7 +32,6 @@ from .transports.tcp import bind_listener, connect_tcp, parse_host_port
 log = logging.getLogger("sagellm_comm.init")
 
 DEFAULT_INIT_TIMEOUT = 300.0
-HANDSHAKE_TIMEOUT = 10.0  # seconds an accepted connection has to authenticate
 
 
 def _env_float(name: str, default: float) -> float:
@@ -105,6 +105,8 @@ async def init_process_group(
     url: ``tcp://host:port`` (rank 0 listens there) or ``env://`` (torchrun's
     RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
     token: shared secret every rank must present (default: SAGELLM_COMM_TOKEN, else empty).
+    Required when this rank would listen on an address other than loopback
+    (InvalidArgument otherwise); never logged or shown in errors.
     timeout: seconds for the whole init, and every op's default limit (CommTimeout);
     None waits up to 300 s for init and forever for ops.
     heartbeat_*: seconds (SAGELLM_COMM_HEARTBEAT_INTERVAL / _TIMEOUT); a peer silent for
@@ -119,7 +121,7 @@ async def init_process_group(
     if backend not in ("auto", "nccl", "host"):
         raise InvalidArgument(f"backend must be auto, nccl or host, got {backend!r}")
     host, port, r, n = resolve(url, rank, world_size)
-    secret = token if token is not None else os.environ.get("SAGELLM_COMM_TOKEN", "")
+    secret = token if token is not None else os.environ.get(security.TOKEN_ENV, "")
     config = EngineConfig(
         heartbeat_interval=heartbeat_interval or _env_float("SAGELLM_COMM_HEARTBEAT_INTERVAL", 1.0),
         heartbeat_timeout=heartbeat_timeout or _env_float("SAGELLM_COMM_HEARTBEAT_TIMEOUT", 10.0),
@@ -129,11 +131,13 @@ async def init_process_group(
     deadline = anyio.current_time() + (timeout if timeout is not None else DEFAULT_INIT_TIMEOUT)
 
     master_ip = _resolve_host(host)
+    listen_host = master_ip if r == 0 else _local_ip_towards(master_ip)
+    security.check_listen_address(listen_host, secret, r)
     mode = choice.setting(transport)
     listeners: dict[str, Listener] = {}
     conns: dict[int, Connection] = {}
     try:
-        listeners = await _open_listeners(mode, master_ip if r == 0 else _local_ip_towards(master_ip))
+        listeners = await _open_listeners(mode, listen_host)
         my_address = ",".join(lst.address for lst in listeners.values())
         if n == 1:
             table = rendezvous.RendezvousResult("solo", [my_address])
@@ -157,7 +161,7 @@ async def init_process_group(
             await lst.aclose()
 
     engine = Engine(r, n, conns, config)
-    engine.local_host = master_ip if r == 0 else _local_ip_towards(master_ip)
+    engine.local_host = listen_host
     async with anyio.create_task_group() as tg:
         engine.start(tg)
         comm = Communicator(engine, GroupState("world", list(range(n)), r), timeout=timeout,
@@ -228,33 +232,40 @@ async def _connect_mesh(listeners: dict[str, Listener], mode: str, table: rendez
             raise AuthError(f"rank {rank} dialed rank {peer} at {address} but reached rank {welcome.rank}")
         conns[peer] = conn
 
-    async def accept_on(listener: Listener) -> None:
-        while expected:
-            conn = await listener.accept()
-            hello = None
-            with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+    async def admit(conn: Connection) -> None:
+        hello = None
+        try:
+            with anyio.move_on_after(handshake.TIMEOUT):
                 try:
                     hello = await handshake.accept(conn, token=token, world_id=table.world_id, world_size=n)
                 except CommError:
-                    pass  # rejected (wrong token, other world): keep serving the real peers
+                    pass  # rejected (wrong token, other world, garbage): keep serving the real peers
             if hello is None:
                 conn.abort()
-                continue
+                return
             if hello.rank not in expected:
                 await handshake.reject(conn, f"rank {rank} expects connections from ranks {sorted(expected)}, "
                                              f"not {hello.rank}")
-                continue
+                return
             expected.discard(hello.rank)  # before the next await: a second claim to this rank is refused
             try:
                 await conn.send_frame(wire.encode(wire.Welcome(rank)))
             except CommError:
                 expected.add(hello.rank)
                 conn.abort()
-                continue
-            conn.reason = "same host" if conn.transport == "shm" else f"chosen by rank {hello.rank}, which dialed"
-            conns[hello.rank] = conn
-            if not expected:
-                all_in.set()
+                return
+        except BaseException:  # cancelled (every rank is in, or init failed) before this peer was admitted
+            conn.abort()
+            raise
+        conn.reason = "same host" if conn.transport == "shm" else f"chosen by rank {hello.rank}, which dialed"
+        conns[hello.rank] = conn
+        if not expected:
+            all_in.set()
+
+    async def accept_on(listener: Listener, admitting: anyio.abc.TaskGroup) -> None:
+        """Each connection authenticates in its own task: a slow or bad peer holds up no one."""
+        while expected:
+            admitting.start_soon(admit, await listener.accept())
 
     try:
         with anyio.fail_after(max(0.0, deadline - anyio.current_time())), unwrap_group_errors():
@@ -262,7 +273,7 @@ async def _connect_mesh(listeners: dict[str, Listener], mode: str, table: rendez
                 async def accept_all() -> None:
                     async with anyio.create_task_group() as accepting:
                         for listener in listeners.values():
-                            accepting.start_soon(accept_on, listener)
+                            accepting.start_soon(accept_on, listener, accepting)
                         await all_in.wait()
                         accepting.cancel_scope.cancel()
 

@@ -47,10 +47,19 @@ async def serve(host: str, port: int, *, world_size: int, token: str, my_address
 
     async def admit(conn: TcpConnection) -> None:
         try:
-            hello = await handshake.accept(conn, token=token, world_id=None, world_size=world_size)
+            with anyio.fail_after(handshake.TIMEOUT):
+                hello = await handshake.accept(conn, token=token, world_id=None, world_size=world_size)
+        except TimeoutError:
+            log.warning("rendezvous dropped a peer that did not authenticate in %.0f s (%s)",
+                        handshake.TIMEOUT, conn.describe())
+            conn.abort()
+            return
         except CommError as e:
             log.warning("rendezvous refused a peer (%s): %s", conn.describe(), e)
             return
+        except BaseException:
+            conn.abort()
+            raise
         if hello.rank == 0 or hello.rank in joined:
             await handshake.reject(conn, f"rank {hello.rank} has already joined this rendezvous")
             return

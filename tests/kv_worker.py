@@ -76,7 +76,9 @@ async def killed(comm: sc.Communicator) -> dict[str, object]:
             await anyio.sleep(0.3)  # slow consumer: the kill lands mid-transfer
         return {"error": ""}
     except sc.CommError as e:
-        return {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
+        # caught_at: the host's wall clock, which the test compares with the time it sent SIGKILL
+        return {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0,
+                "caught_at": time.time()}
 
 
 async def priority(comm: sc.Communicator) -> dict[str, object]:

@@ -78,7 +78,9 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
                 await comm.all_reduce(x)
                 report(rank=r, error="")
             except sc.CommError as e:
-                report(rank=r, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
+                # caught_at: the host's wall clock, which the test compares with the time it sent SIGKILL
+                report(rank=r, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0,
+                       caught_at=time.time())
         elif name == "frozen_peer":
             await comm.barrier()
             print("READY", flush=True)
@@ -90,22 +92,26 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
                 await comm.all_reduce(np.ones(10, dtype=np.float32))
                 report(rank=r, error="")
             except sc.CommError as e:
-                report(rank=r, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
+                # caught_at: the host's wall clock, which the test compares with the time it sent SIGSTOP
+                report(rank=r, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0,
+                       caught_at=time.time())
         elif name == "skip":
             errors = []
+            first_error_s = None  # from entering the skipped barrier to its error (the callers' time to detect)
             t0 = time.monotonic()
             if r != 1:
                 try:
                     await comm.barrier(timeout=2)
                 except sc.CommError as e:
                     errors.append(type(e).__name__)
+                    first_error_s = time.monotonic() - t0
             else:
                 await anyio.sleep(6)  # well past the others' 2 s timeout, even on a loaded machine
             try:
                 await comm.all_reduce(np.ones(4, dtype=np.float32), timeout=5)
             except sc.CommError as e:
                 errors.append(type(e).__name__)
-            report(rank=r, errors=errors, seconds=time.monotonic() - t0)
+            report(rank=r, errors=errors, seconds=time.monotonic() - t0, first_error_s=first_error_s)
         elif name in ("mismatch_shape", "mismatch_kind"):
             t0 = time.monotonic()
             try:

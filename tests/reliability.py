@@ -3,7 +3,8 @@
 A test marked `@pytest.mark.fault("what was done", "what must happen")` becomes
 one run of that fault in the report; its pass/fail/skip is the outcome, and a
 time it hands to the `detected` fixture (seconds from the fault to the error)
-is the time to detect. `pytest -m fault --reliability-json F` writes the runs;
+is the time to detect, and `record_property("note", text)` adds a remark to
+its row. `pytest -m fault --reliability-json F` writes the runs;
 `scripts/reliability.py` turns them into the table. The report is made from
 the very tests that prove each line, so it cannot claim what they do not show.
 """
@@ -53,11 +54,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
         detect = [v for k, v in report.user_properties if k == "detect_s"]
+        notes = [str(v) for k, v in report.user_properties if k == "note"]
         reason = ""
         if report.skipped and isinstance(report.longrepr, tuple):
             reason = str(report.longrepr[2])
         _runs.append({"test": report.nodeid, "fault": props["fault"], "expect": props["expect"],
-                      "outcome": report.outcome, "detect_s": detect, "skip_reason": reason,
+                      "outcome": report.outcome, "detect_s": detect, "notes": notes, "skip_reason": reason,
                       "duration_s": round(report.duration, 3)})
 
 

@@ -140,6 +140,8 @@ def test_buffer_passthrough_and_rows() -> None:
         as_buffer(np.array(1.0)).rows(0, 1)
 
 
+@pytest.mark.fault("read-only array as a buffer to be written",
+                   "UnsupportedBuffer 'read-only'; accepted where it is only read")
 def test_read_only_array_allowed_when_not_written() -> None:
     arr = np.arange(4, dtype=np.float32)
     arr.flags.writeable = False
@@ -152,6 +154,12 @@ def test_read_only_array_allowed_when_not_written() -> None:
 # -- as_buffer errors ----------------------------------------------------------------------------
 
 
+NON_CONTIGUOUS = pytest.mark.fault("non-contiguous numpy array or torch tensor as a buffer (strided, transposed, "
+                                   "Fortran-order, a sliced middle dimension or column)",
+                                   "UnsupportedBuffer naming 'contiguous'")
+
+
+@NON_CONTIGUOUS
 @pytest.mark.parametrize(
     "make",
     [
@@ -170,6 +178,7 @@ def test_non_contiguous_numpy_rejected(make) -> None:  # type: ignore[no-untyped
         as_buffer(arr, writable=False)
 
 
+@NON_CONTIGUOUS
 @pytest.mark.parametrize(
     "make",
     [
@@ -184,6 +193,12 @@ def test_non_contiguous_torch_rejected(make) -> None:  # type: ignore[no-untyped
         as_buffer(make())
 
 
+UNSUPPORTED_DTYPE = pytest.mark.fault(
+    "array of an unsupported dtype as a buffer (complex, uint16/32/64, longdouble, object, str, datetime, "
+    "big-endian, structured; torch complex, uint16/32, float8)", "UnsupportedBuffer")
+
+
+@UNSUPPORTED_DTYPE
 @pytest.mark.parametrize(
     "arr",
     [
@@ -207,6 +222,7 @@ def test_unsupported_numpy_dtypes_rejected(arr: np.ndarray) -> None:
         as_buffer(arr)
 
 
+@UNSUPPORTED_DTYPE
 @pytest.mark.parametrize("dtype", ["complex64", "complex128", "uint16", "uint32", "float8_e4m3fn"])
 def test_unsupported_torch_dtypes_rejected(dtype: str) -> None:
     tdt = getattr(torch, dtype, None)
@@ -216,6 +232,8 @@ def test_unsupported_torch_dtypes_rejected(dtype: str) -> None:
         as_buffer(torch.zeros(3, dtype=tdt))
 
 
+@pytest.mark.fault("not an array as a buffer (list, tuple, bytes, bytearray, memoryview, int, float, None, str)",
+                   "UnsupportedBuffer naming numpy.ndarray or torch.Tensor")
 @pytest.mark.parametrize(
     "obj",
     [[1, 2, 3], (1.0, 2.0), b"abc", bytearray(b"abc"), memoryview(b"abc"), 3, 1.5, None, "x"],
@@ -300,6 +318,8 @@ def test_reduce_into_bitwise(op: str, dtype: str) -> None:
 # -- check_op ------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault("reduce op not defined for the dtype (bitwise on floats, avg on integers or bool)",
+                   "InvalidArgument naming the op")
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 def test_check_op_matrix(dtype: str) -> None:
     d = DTYPES[dtype]
@@ -312,12 +332,16 @@ def test_check_op_matrix(dtype: str) -> None:
                 check_op(op, d)
 
 
+@pytest.mark.fault("reduce op not defined for the dtype (bitwise on floats, avg on integers or bool)",
+                   "InvalidArgument naming the op")
 @pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "bool"])
 def test_avg_rejected_on_integers_and_bool(dtype: str) -> None:
     with pytest.raises(sc.InvalidArgument, match="avg"):
         check_op("avg", DTYPES[dtype])
 
 
+@pytest.mark.fault("unknown reduce op name ('mean', 'SUM', '', 'add', 'and', 'xor', 'sum ')",
+                   "InvalidArgument 'unknown reduce op', for every dtype")
 @pytest.mark.parametrize("op", ["mean", "SUM", "", "add", "and", "xor", "sum "])
 def test_unknown_ops_rejected(op: str) -> None:
     for d in DTYPES.values():

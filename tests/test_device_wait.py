@@ -64,6 +64,7 @@ async def test_already_done_returns_without_waiting() -> None:
     assert device.stats.ready_at_once == before + 1
 
 
+@pytest.mark.fault("device-event wait (poll_until) cancelled", "ends within 0.5 s")
 async def test_cancelled_wait_ends_at_once() -> None:
     flag = Flag()
     t0 = time.perf_counter()
@@ -73,6 +74,8 @@ async def test_cancelled_wait_ends_at_once() -> None:
     assert not flag.up
 
 
+@pytest.mark.fault("peer lost while a device-event wait polls (its check raises PeerLost)",
+                   "the wait raises PeerLost")
 async def test_check_stops_the_wait_with_its_error() -> None:
     flag = Flag()
     calls = 0
@@ -131,6 +134,8 @@ def test_priority_names() -> None:
         priority_level("urgent")
 
 
+@pytest.mark.fault("unknown backend ('mpi') for init_process_group; unknown priority ('urgent') for an all_reduce",
+                   "InvalidArgument naming the backend / the priority; the communicator still works")
 async def test_bad_priority_and_backend_are_refused() -> None:
     import numpy as np
 

@@ -3,6 +3,8 @@ cancellation and timeouts on either side, checksums, mismatches and bad argument
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -156,9 +158,14 @@ async def test_slow_receiver_holds_the_sender_to_its_window() -> None:
     assert max(ahead) <= window and max(ahead) >= 1, ahead  # it did run ahead, but never past its credits
 
 
-async def test_receiver_leaving_early_cancels_that_request_only() -> None:
+@pytest.mark.fault("KV receiver leaves a transfer after its first layer (receive side cancelled), "
+                   "2 simulated ranks",
+                   "TransferCancelled naming rank 1 and the request on the sender; a concurrent transfer to the "
+                   "same rank completes exactly")
+async def test_receiver_leaving_early_cancels_that_request_only(detected: Callable[[float], None]) -> None:
     src = filled(LAYOUT, 16, seed=6)
     dst = kv.KVCache.allocate(LAYOUT, 16)
+    times: dict[str, float] = {}
 
     async def sender(comm: sc.Communicator) -> tuple[str, str]:
         chan = kv.KVChannel(comm, src, window=1)
@@ -169,6 +176,7 @@ async def test_receiver_leaving_early_cancels_that_request_only() -> None:
                 await chan.send(req, 1, ids)
                 out[i] = "ok"
             except sc.TransferCancelled as e:
+                times["sender_error"] = anyio.current_time()
                 out[i] = f"cancelled: {e}"
 
         async with anyio.create_task_group() as tg:
@@ -183,6 +191,7 @@ async def test_receiver_leaving_early_cancels_that_request_only() -> None:
             async for layer in layers:
                 got.append(layer)
                 break
+        times["left"] = anyio.current_time()
         await chan.recv("kept", 0, DST_IDS[3:])
         return got
 
@@ -192,17 +201,24 @@ async def test_receiver_leaving_early_cancels_that_request_only() -> None:
     assert kept == "ok"
     for layer in range(LAYOUT.num_layers):
         assert same_blocks(src, SRC_IDS[3:], dst, DST_IDS[3:], layer)
+    detected(times["sender_error"] - times["left"])  # from the receiver leaving to the sender's error
 
 
-async def test_sender_cancelled_midway_is_transfer_cancelled_and_no_partial_layer() -> None:
+@pytest.mark.fault("KV sender's send cancelled 0.15 s into a transfer (send side cancelled), 2 simulated ranks",
+                   "TransferCancelled naming rank 0 and the request on the receiver; every layer it was handed "
+                   "is complete and exact, and not all were; both ranks then pass a barrier")
+async def test_sender_cancelled_midway_is_transfer_cancelled_and_no_partial_layer(
+        detected: Callable[[float], None]) -> None:
     layout = kv.KVLayout(6, 2, 16, 4, "float32")
     src = filled(layout, 16, seed=7)
     dst = kv.KVCache.allocate(layout, 16)
+    times: dict[str, float] = {}
 
     async def sender(comm: sc.Communicator) -> str:
         chan = kv.KVChannel(comm, src, window=1, chunk_bytes=1)  # a chunk per block: layers take many chunks
         with anyio.move_on_after(0.15):
             await chan.send("gone", 1, SRC_IDS)
+        times["cancelled"] = anyio.current_time()
         await comm.barrier()  # the rank keeps serving after its transfer was cancelled
         return "cancelled"
 
@@ -214,6 +230,7 @@ async def test_sender_cancelled_midway_is_transfer_cancelled_and_no_partial_laye
                 layers.append(layer)
                 await anyio.sleep(0.05)
         except sc.TransferCancelled as e:
+            times["receiver_error"] = anyio.current_time()
             error = str(e)
         await comm.barrier()
         return {"layers": layers, "error": error}
@@ -223,8 +240,14 @@ async def test_sender_cancelled_midway_is_transfer_cancelled_and_no_partial_laye
     assert r["layers"] == list(range(len(r["layers"]))) and len(r["layers"]) < layout.num_layers
     for layer in r["layers"]:
         assert same_blocks(src, SRC_IDS, dst, DST_IDS, layer)
+    # includes up to 0.05 s of the receiver's own pause per layer: it sees the error when it asks for one
+    detected(times["receiver_error"] - times["cancelled"])
 
 
+@pytest.mark.fault("KV send and recv that no peer matches (timeout 0.2 s); a receiver slower than its 0.3 s "
+                   "timeout mid-transfer, 2 simulated ranks",
+                   "CommTimeout naming the request on the side that waited; the sender of the timed-out transfer "
+                   "raises TransferCancelled ('timed out')")
 async def test_timeouts_name_the_request_and_tell_the_other_side() -> None:
     src = filled(LAYOUT, 16, seed=8)
     dst = kv.KVCache.allocate(LAYOUT, 16)
@@ -248,14 +271,19 @@ async def test_timeouts_name_the_request_and_tell_the_other_side() -> None:
     await pair(sender, receiver)
 
 
+@pytest.mark.fault("KV cache byte flipped mid-transfer, after its row's checksum was taken (layer 2, block 4), "
+                   "2 simulated ranks",
+                   "KVChecksumError naming the request, layer 2 and value block 4 on both sender and receiver; "
+                   "layers 0 and 1 delivered before it")
 async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_block(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, detected: Callable[[float], None]) -> None:
     from sagellm_comm.kv import chunks
 
     src = filled(LAYOUT, 16, seed=9)
     dst = kv.KVCache.allocate(LAYOUT, 16)
     real = chunks.ChunkSource.ready
-    flipped: list[bool] = []
+    flipped: list[float] = []  # time.monotonic() of the flip (the hasher may run off the event loop)
+    caught: list[float] = []
 
     async def corrupting(self: chunks.ChunkSource, chunk: chunks.Chunk, token: Any) -> Any:
         msg = await real(self, chunk, token)
@@ -265,7 +293,7 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
             def watch(start: int, end: int) -> None:
                 hasher(start, end)
                 if hasher.done > chunk.n + 4 and not flipped:
-                    flipped.append(True)
+                    flipped.append(time.monotonic())
                     self.cache.value(2)[SRC_IDS[4]].view(torch.int16)[1, 1, 3] ^= 0x10
 
             msg.rows.watch = watch
@@ -276,6 +304,7 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
     async def sender(comm: sc.Communicator) -> BaseException:
         with pytest.raises(sc.KVChecksumError) as info:
             await kv.KVChannel(comm, src).send("bad", 1, SRC_IDS)
+        caught.append(time.monotonic())
         return info.value
 
     async def receiver(comm: sc.Communicator) -> tuple[BaseException, list[int]]:
@@ -283,6 +312,7 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
         with pytest.raises(sc.KVChecksumError) as info:
             async for layer in kv.KVChannel(comm, dst).receive("bad", 0, DST_IDS):
                 layers.append(layer)
+        caught.append(time.monotonic())
         return info.value, layers
 
     s_err, (r_err, layers) = await pair(sender, receiver)
@@ -291,8 +321,12 @@ async def test_corrupted_bytes_are_a_checksum_error_naming_request_layer_and_blo
         assert isinstance(e, sc.KVChecksumError)
         assert (e.request_id, e.layer, e.block) == ("bad", 2, 4), (e.request_id, e.layer, e.block)
         assert "'bad'" in str(e) and "layer 2" in str(e) and "value block 4" in str(e)
+    detected(max(caught) - flipped[0])  # from the flip to the later of the two ends' errors
 
 
+@pytest.mark.fault("KV sender and receiver disagree: 7 blocks sent, 2 block ids posted; caches of another "
+                   "block size, 2 simulated ranks",
+                   "KVMismatch on both ends, naming the block counts or 'block size'")
 async def test_disagreeing_ends_get_kv_mismatch_on_both_sides() -> None:
     other = kv.KVLayout(4, 2, 16, 8, "bfloat16")  # another block size
 
@@ -320,6 +354,9 @@ async def test_disagreeing_ends_get_kv_mismatch_on_both_sides() -> None:
     assert "block size" in r[1] and "block size" in s[1]
 
 
+@pytest.mark.fault("bad KV arguments: block id out of range, repeated or none; this rank as peer; float request "
+                   "id; unknown codec; window 0; cache tensors of the wrong shape; int8 layout dtype",
+                   "InvalidArgument naming the problem, at the call on both ranks; they then pass a barrier")
 async def test_bad_arguments_are_refused_before_anything_moves() -> None:
     async def body(comm: sc.Communicator) -> None:
         cache = kv.KVCache.allocate(LAYOUT, 8)
@@ -348,9 +385,12 @@ async def test_bad_arguments_are_refused_before_anything_moves() -> None:
         await run_ranks(2, body)
 
 
-async def test_a_lost_sender_is_peer_lost_on_the_receiver() -> None:
+@pytest.mark.fault("KV sender's communicator aborted mid-transfer, no goodbye (a dying process), 2 simulated ranks",
+                   "PeerLost naming rank 0 on the receiver; CommClosed on the sender's own send")
+async def test_a_lost_sender_is_peer_lost_on_the_receiver(detected: Callable[[float], None]) -> None:
     src = filled(LAYOUT, 16, seed=11)
     dst = kv.KVCache.allocate(LAYOUT, 16)
+    times: dict[str, float] = {}
 
     async def sender(comm: sc.Communicator) -> None:
         chan = kv.KVChannel(comm, src, window=1, chunk_bytes=1)
@@ -361,6 +401,7 @@ async def test_a_lost_sender_is_peer_lost_on_the_receiver() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(send)
             await anyio.sleep(0.1)
+            times["aborted"] = anyio.current_time()
             comm.abort()  # the process "dies" mid-transfer: no goodbye, no cancel notice
             tg.cancel_scope.cancel()
 
@@ -368,10 +409,13 @@ async def test_a_lost_sender_is_peer_lost_on_the_receiver() -> None:
         with pytest.raises(sc.PeerLost) as info:
             async for _ in kv.KVChannel(comm, dst, window=1, chunk_bytes=1).receive("dies", 0, DST_IDS):
                 await anyio.sleep(0.1)
+        times["lost"] = anyio.current_time()
         return str(info.value)
 
     _, err = await pair(sender, receiver)
     assert "rank 0" in err
+    # includes up to 0.1 s of the receiver's own pause per layer: it sees the error when it asks for one
+    detected(times["lost"] - times["aborted"])
 
 
 def test_word_sums_are_the_same_on_host_and_through_torch() -> None:

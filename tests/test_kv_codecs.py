@@ -195,12 +195,16 @@ def test_none_codec_is_lossless_and_the_default() -> None:
     assert [get_codec(n).name for n in ("fp8", "int8")] == ["fp8", "int8"]
 
 
+@pytest.mark.fault("unknown KV codec name ('fp9', 'FP8', '', 'zstd', 8)", "InvalidArgument listing the codecs")
 @pytest.mark.parametrize("name", ["fp9", "FP8", "", "zstd", 8])
 def test_unknown_codec_names_the_choices(name: Any) -> None:
     with pytest.raises(InvalidArgument, match="'fp8', 'int8'"):
         get_codec(name)
 
 
+@pytest.mark.fault("KV codec given encoded rows of the wrong size, count, dtype or layout, blocks of the wrong "
+                   "shape, not a tensor or not contiguous, or an integer output",
+                   "InvalidArgument or UnsupportedBuffer naming the problem")
 @pytest.mark.parametrize("name", ["none", "fp8", "int8"])
 def test_bad_shapes_and_dtypes_raise(name: str) -> None:
     codec = get_codec(name)
@@ -228,6 +232,7 @@ def test_bad_shapes_and_dtypes_raise(name: str) -> None:
         codec.decode(good, torch.empty(x.shape, dtype=torch.int16))
 
 
+@pytest.mark.fault("fp8 or int8 codec for a float8 KV cache", "UnsupportedBuffer naming float8_e4m3fn")
 @pytest.mark.parametrize("name", ["fp8", "int8"])
 def test_quantizing_codecs_refuse_8_bit_caches(name: str) -> None:
     with pytest.raises(UnsupportedBuffer, match="float8_e4m3fn"):

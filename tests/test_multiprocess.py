@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,11 @@ def _ucx_skip() -> str | None:
         return str(e)
     ok, why = ucx_available()
     return None if ok else why
+
+
+def per_transport(fault: str, expect: str) -> list[Any]:
+    """TRANSPORTS, each its own row of the reliability report (`fault` names it as {transport})."""
+    return [pytest.param(t, marks=pytest.mark.fault(fault.format(transport=t), expect)) for t in TRANSPORTS]
 
 
 def Ranks(scenario: str, world: int, backend: str, only: list[int] | None = None,
@@ -74,38 +81,51 @@ def test_auto_picks_shared_memory_between_local_processes() -> None:
     assert all(res["ok"] and res["transport"] == "shm" for res in results.values()), results
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", per_transport(
+    "rank process killed (SIGKILL) while the other two wait in an all_reduce, 3 ranks over {transport}",
+    "PeerLost on both survivors within 10 s"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_killed_process_is_peer_lost_on_every_survivor(backend: str, transport: str) -> None:
+def test_killed_process_is_peer_lost_on_every_survivor(backend: str, transport: str,
+                                                       detected: Callable[[float], None]) -> None:
     with Ranks("killed_peer", 3, backend, transport=transport) as ranks:
         for r in range(3):
             ranks.wait_line(r, "READY", timeout=60)
         time.sleep(0.3)  # survivors are now blocked in the second all_reduce
+        killed_at = time.time()  # wall clock: the survivors report theirs (caught_at) on the same host
         ranks.procs[2].kill()
         results = ranks.results(timeout=30, ranks=[0, 1])
     for r, res in results.items():
         assert res["error"] in ("PeerLost",), (r, res)
         assert float(res["seconds"]) < 10.0, (r, res)  # type: ignore[arg-type]
+    detected(max(float(res["caught_at"]) for res in results.values()) - killed_at)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", per_transport(
+    "rank process frozen (SIGSTOP) while the other two run an all_reduce, 3 ranks over {transport}, "
+    "heartbeat timeout 3 s", "PeerLost or CommTimeout on both survivors within 5 s of their op's start"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_process_is_lost_within_heartbeat_bound(backend: str, transport: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       detected: Callable[[float], None]) -> None:
     monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_TIMEOUT", "3")
     monkeypatch.setenv("SAGELLM_COMM_HEARTBEAT_INTERVAL", "0.5")
     with Ranks("frozen_peer", 3, backend, transport=transport) as ranks:
         for r in range(3):
             ranks.wait_line(r, "READY", timeout=60)
+        stopped_at = time.time()  # wall clock: the survivors report theirs (caught_at) on the same host
         ranks.procs[2].send_signal(signal.SIGSTOP)
         results = ranks.results(timeout=30, ranks=[0, 1])
     for r, res in results.items():
         assert res["error"] in ("PeerLost", "CommTimeout"), (r, res)
         assert float(res["seconds"]) < 3 + 2.0, (r, res)  # type: ignore[arg-type]
+    detected(max(float(res["caught_at"]) for res in results.values()) - stopped_at)  # type: ignore[arg-type]
 
 
+@pytest.mark.fault("one rank skips a barrier the other two call with timeout=2 s, 3 processes (auto: shm)",
+                   "CommTimeout on both callers, then CollectiveAborted on every rank's next collective, "
+                   "the skipper's included")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_skipped_collective_times_out_and_breaks_the_group(backend: str) -> None:
+def test_skipped_collective_times_out_and_breaks_the_group(backend: str, detected: Callable[[float], None]) -> None:
     with Ranks("skip", 3, backend) as ranks:
         results = ranks.results(timeout=60)
     for r in (0, 2):
@@ -113,12 +133,22 @@ def test_skipped_collective_times_out_and_breaks_the_group(backend: str) -> None
         assert results[r]["errors"][1] == "CollectiveAborted", results[r]  # type: ignore[index]
     # the rank that skipped learns the group broke as soon as it calls the next collective
     assert results[1]["errors"] == ["CollectiveAborted"], results[1]
+    # the callers' time from entering the barrier to its CommTimeout (the skip is there from the start)
+    detected(max(float(results[r]["first_error_s"]) for r in (0, 2)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["mismatch_shape", "mismatch_kind"])
-def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str, transport: str) -> None:
+@pytest.mark.parametrize("kind", [
+    pytest.param("mismatch_shape", marks=pytest.mark.fault(
+        "ranks call all_reduce with different shapes ((8,) on rank 0, (16,) on the others), 3 processes "
+        "over tcp and shm", "CollectiveMismatch on every rank within 5 s, one naming both shapes")),
+    pytest.param("mismatch_kind", marks=pytest.mark.fault(
+        "rank 0 calls broadcast while the others call all_reduce, 3 processes over tcp and shm",
+        "CollectiveMismatch on every rank within 5 s, one naming both ops")),
+])
+def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str, transport: str,
+                                                         detected: Callable[[float], None]) -> None:
     with Ranks(kind, 3, backend, transport=transport) as ranks:
         results = ranks.results(timeout=60)
     for r, res in results.items():
@@ -129,8 +159,12 @@ def test_mismatched_collective_is_an_error_on_every_rank(kind: str, backend: str
     else:
         assert any("broadcast" in str(res["message"]) and "all_reduce" in str(res["message"])
                    for res in results.values())
+    # each rank's time from its own call to the error (it includes waiting for slower ranks to call)
+    detected(max(float(res["seconds"]) for res in results.values()))  # type: ignore[arg-type]
 
 
+@pytest.mark.fault("a process joins a 2-rank world with the wrong token",
+                   "AuthError on the impostor, naming neither token; the real rank 1 then joins and every op passes")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wrong_token_is_refused_and_the_world_still_forms(backend: str) -> None:
     with Ranks("wrong_token", 2, backend) as ranks:
@@ -142,6 +176,8 @@ def test_wrong_token_is_refused_and_the_world_still_forms(backend: str) -> None:
     assert results[0]["ok"] and results[1]["ok"], results
 
 
+@pytest.mark.fault("garbage bytes sent to rank 0's rendezvous listener in answer to its Challenge",
+                   "that connection is closed; rank 1 then joins and every op passes on both ranks")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_garbage_frame_is_refused_and_listener_keeps_serving(backend: str) -> None:
     with Ranks("garbage", 2, backend, only=[0]) as ranks:
@@ -191,6 +227,8 @@ def _shm_names() -> set[str]:
         return set()
 
 
+@pytest.mark.fault("rank process killed (SIGKILL) holding shared-memory rings, 3 ranks over shm",
+                   "PeerLost on both survivors; no file left in /dev/shm (the rings are memfds); every process exits")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_killed_rank_leaves_no_shared_memory_behind(backend: str) -> None:
     before = _shm_names()

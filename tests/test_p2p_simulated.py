@@ -3,6 +3,7 @@ matching before/after arrival, mismatched buffers, cancellation and timeouts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -317,6 +318,8 @@ async def test_p2p_in_a_split_group_uses_group_ranks() -> None:
     assert s.tolist() == [20] * 3
 
 
+@pytest.mark.fault("sender closes its communicator right after a send; the receiver receives later, twice",
+                   "the message that arrived is still delivered; the next recv raises PeerLost ('closed')")
 async def test_message_from_a_closed_peer_is_still_delivered() -> None:
     """What fully arrived before the sender closed still satisfies a receive; more does not."""
 
@@ -340,16 +343,23 @@ async def test_message_from_a_closed_peer_is_still_delivered() -> None:
 # -- mismatched buffers --------------------------------------------------------------------------
 
 
+WRONG_RECV_EXPECT = ("MessageMismatch naming what was sent, what the buffer holds and the tag; the buffer is not "
+                     "written; the message is kept, first in line for the next recv")
+WRONG_SIZE = pytest.mark.fault("recv into a buffer smaller or larger than the message, posted before or after it "
+                               "arrives", WRONG_RECV_EXPECT)
+WRONG_DTYPE = pytest.mark.fault("recv into a buffer of the message's size but another dtype (numpy, torch), posted "
+                                "before or after it arrives", WRONG_RECV_EXPECT)
+
+
 @pytest.mark.parametrize("when", ["posted-before", "posted-after"])
 @pytest.mark.parametrize(
     ("wrong", "what"),
     [
-        (lambda: np.zeros(5, np.float32), "20 bytes"),  # too small
-        (lambda: np.zeros(7, np.float32), "28 bytes"),  # too large
-        (lambda: np.zeros(6, np.int32), "int32"),  # same size, other dtype
-        (lambda: torch.zeros(12, dtype=torch.bfloat16), "bfloat16"),
+        pytest.param(lambda: np.zeros(5, np.float32), "20 bytes", id="smaller", marks=WRONG_SIZE),
+        pytest.param(lambda: np.zeros(7, np.float32), "28 bytes", id="larger", marks=WRONG_SIZE),
+        pytest.param(lambda: np.zeros(6, np.int32), "int32", id="dtype", marks=WRONG_DTYPE),  # same size
+        pytest.param(lambda: torch.zeros(12, dtype=torch.bfloat16), "bfloat16", id="torch-dtype", marks=WRONG_DTYPE),
     ],
-    ids=["smaller", "larger", "dtype", "torch-dtype"],
 )
 async def test_recv_into_wrong_buffer_keeps_the_message(wrong: Any, what: str, when: str) -> None:
     sent = anyio.Event()
@@ -393,6 +403,7 @@ async def _set_soon(ev: anyio.Event) -> None:
     ev.set()
 
 
+@pytest.mark.fault("recv into a 4-byte buffer for a 3-byte message", "a ValueError; the next recv gets the message")
 async def test_mismatch_error_is_a_value_error() -> None:
     async def body(comm: sc.Communicator) -> Any:
         if comm.rank == 0:
@@ -412,6 +423,8 @@ async def test_mismatch_error_is_a_value_error() -> None:
 # -- cancellation and timeouts -------------------------------------------------------------------
 
 
+@pytest.mark.fault("recv cancelled before its message arrives",
+                   "its buffer is never written; the next two messages on the tag arrive in order")
 async def test_cancelled_recv_leaves_the_tag_usable() -> None:
     cancelled = anyio.Event()
 
@@ -439,6 +452,8 @@ async def test_cancelled_recv_leaves_the_tag_usable() -> None:
     np.testing.assert_array_equal(b, f32(8, 4))
 
 
+@pytest.mark.fault("recv cancelled while a 3-frame message is streaming into it",
+                   "its buffer is not written after the cancel; the next recv gets the whole message")
 async def test_recv_cancelled_while_streaming_does_not_lose_the_message() -> None:
     """Cancel a receive after part of a large message streamed into it: the caller's buffer is
     not written any more, and the next receive gets the whole message."""
@@ -465,7 +480,10 @@ async def test_recv_cancelled_while_streaming_does_not_lose_the_message() -> Non
     assert snapshot[0][: n // 3].any()  # it had really started streaming into it
 
 
-async def test_recv_timeout_raises_comm_timeout_and_message_waits() -> None:
+@pytest.mark.fault("recv with timeout=0.2 s for a message sent 0.4 s later",
+                   "CommTimeout (a TimeoutError naming peer and tag) after 0.15-1.5 s; the late message is "
+                   "received next")
+async def test_recv_timeout_raises_comm_timeout_and_message_waits(detected: Callable[[float], None]) -> None:
     async def body(comm: sc.Communicator) -> Any:
         if comm.rank == 0:
             await anyio.sleep(0.4)
@@ -485,8 +503,11 @@ async def test_recv_timeout_raises_comm_timeout_and_message_waits() -> None:
         _, (elapsed, buf) = await run_ranks(2, body)
     assert 0.15 <= elapsed < 1.5
     np.testing.assert_array_equal(buf, f32(4, 8))
+    detected(elapsed)
 
 
+@pytest.mark.fault("recv from a peer that sends nothing, no timeout argument (world default 0.2 s)",
+                   "CommTimeout; the two ranks then exchange a message normally")
 async def test_default_timeout_applies_to_recv() -> None:
     async def body(comm: sc.Communicator) -> Any:
         if comm.rank == 1:
@@ -504,22 +525,28 @@ async def test_default_timeout_applies_to_recv() -> None:
     assert results[0].tolist() == [1.0]
 
 
-async def test_sender_cancelled_mid_message() -> None:
+@pytest.mark.fault("send cancelled after 2 of its 3 frames",
+                   "the receiver's recv raises TransferCancelled naming the tag; the next message on the tag "
+                   "goes through")
+async def test_sender_cancelled_mid_message(detected: Callable[[float], None]) -> None:
     """The sender gives up after 2 of 3 frames: the receiver's recv raises TransferCancelled,
     and the next message on the same tag goes through."""
     n = 3 * FRAME // 4
     done = anyio.Event()
+    times: dict[str, float] = {}
 
     async def body(comm: sc.Communicator) -> Any:
         if comm.rank == 0:
             with anyio.move_on_after(0.15) as scope:
                 await comm.send(f32(n, 1), 1, tag=9)
             assert scope.cancelled_caught
+            times["cancelled"] = anyio.current_time()
             await comm.send(f32(5, 2), 1, tag=9)
             await done.wait()
             return None
         with pytest.raises(sc.TransferCancelled) as info:
             await comm.recv(np.zeros(n, np.float32), 0, tag=9, timeout=10)
+        times["failed"] = anyio.current_time()
         buf = np.zeros(5, np.float32)
         await comm.recv(buf, 0, tag=9, timeout=10)
         done.set()
@@ -529,11 +556,15 @@ async def test_sender_cancelled_mid_message() -> None:
         _, (buf, msg) = await run_ranks(2, body, faults=FaultPlan().delay(0, 0.1))
     np.testing.assert_array_equal(buf, f32(5, 2))
     assert "cancelled" in msg and "tag 9" in msg
+    detected(times["failed"] - times["cancelled"])  # from the sender's cancel to the receiver's error
 
 
 # -- bad arguments -------------------------------------------------------------------------------
 
 
+@pytest.mark.fault("send/recv with a bad peer (itself, out of range, -1, a str) or tag (-1, 1.5), or an unusable "
+                   "buffer (a list, complex, strided, read-only recv buffer)",
+                   "InvalidArgument or UnsupportedBuffer at the call; a ring of messages then works")
 async def test_invalid_peers_and_tags() -> None:
     ws = 3
 

@@ -76,6 +76,8 @@ async def test_waiters_granted_by_priority_then_arrival() -> None:
     assert not lock.locked() and lock.waiting() == 0
 
 
+@pytest.mark.fault("send-lock waiter cancelled while queued",
+                   "skipped: the other waiters get the lock in priority order, and it is free afterwards")
 async def test_cancelled_waiter_is_skipped_and_does_not_strand_the_lock() -> None:
     lock = PrioritySendLock()
     order: list[str] = []
@@ -97,6 +99,8 @@ async def test_cancelled_waiter_is_skipped_and_does_not_strand_the_lock() -> Non
     lock.release()
 
 
+@pytest.mark.fault("send-lock waiter cancelled in the step it is handed the lock",
+                   "the next waiter still gets the lock; it is free afterwards")
 async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
     """Release hands the lock to `high`, which is cancelled in the same step, before it runs."""
     lock = PrioritySendLock()
@@ -116,6 +120,8 @@ async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
     assert not lock.locked() and lock.waiting() == 0
 
 
+@pytest.mark.fault("asyncio task cancelled (Task.cancel) after it was handed the send lock, before it runs",
+                   "the next waiter gets the lock; it is free afterwards")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_asyncio_task_cancelled_after_wakeup_passes_the_lock_on(anyio_backend: str) -> None:
     """A plain asyncio cancel lands after the wake-up was set: the lock must go to the next waiter."""

@@ -23,6 +23,9 @@ def _offer(address: str, fds: list[int]) -> socket.socket:
     return sock
 
 
+@pytest.mark.fault("shm listener offered an unsealed memfd (the peer could shrink it), a pipe instead of a "
+                   "segment, and a connection that sends nothing",
+                   "all three refused; the listener then accepts a good connection that carries a frame")
 @pytest.mark.anyio
 async def test_unsealed_or_bogus_segments_are_refused_and_the_listener_keeps_serving() -> None:
     transport = ShmTransport()
@@ -89,6 +92,8 @@ async def test_an_idle_reader_parks_and_uses_no_cpu() -> None:
         b.abort()
 
 
+@pytest.mark.fault("shm address of another host, or without a path",
+                   "InvalidArgument ('another host' / 'expected shm://')")
 @pytest.mark.anyio
 async def test_an_address_of_another_host_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="another host"):
@@ -97,6 +102,7 @@ async def test_an_address_of_another_host_is_refused() -> None:
         shm.parse_address("shm://nohost")
 
 
+@pytest.mark.fault("SAGELLM_COMM_SHM_RING_BYTES not a power of two", "InvalidArgument 'power of two'")
 def test_ring_size_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAGELLM_COMM_SHM_RING_BYTES", "12345")
     with pytest.raises(InvalidArgument, match="power of two"):

@@ -12,6 +12,8 @@ LOCAL = f"tcp://127.0.0.1:5000,shm://{host_key()}/sagellm-comm-1-aa"
 REMOTE = "tcp://10.0.0.2:5000,shm://ffffffffffffffff/sagellm-comm-2-bb"
 
 
+@pytest.mark.fault("unknown transport name in SAGELLM_COMM_TRANSPORT",
+                   "InvalidArgument naming SAGELLM_COMM_TRANSPORT")
 def test_setting_comes_from_the_argument_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(choice.ENV, raising=False)
     assert choice.setting(None) == "auto"
@@ -30,6 +32,9 @@ def test_auto_uses_shm_on_this_host_and_tcp_elsewhere() -> None:
     assert (scheme, address, reason) == ("tcp", "tcp://10.0.0.2:5000", "other host")
 
 
+@pytest.mark.fault("transport forced to shm for a rank on another host, or to ucx for a rank offering only shm "
+                   "and tcp; peer address without a scheme",
+                   "InvalidArgument naming the problem ('another host', 'offers shm, tcp', 'no scheme')")
 def test_forced_transports_and_their_errors() -> None:
     assert choice.choose("tcp", choice.parse_address_set(LOCAL), 1)[0] == "tcp"
     with pytest.raises(InvalidArgument, match="rank 2 is on another host"):

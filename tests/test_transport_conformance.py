@@ -46,9 +46,28 @@ def _skip_reason(name: str) -> str | None:
     return None
 
 
+# The checks that inflict a fault, as rows of the reliability report, one per transport.
+FAULTS = {
+    "cancellation": ("{t} read cancelled while idle; writers cancelled while the reader is not reading",
+                     "the stream keeps working: nothing lost, no frame torn"),
+    "peer_death": ("{t} connection: one end aborted while the other reads",
+                   "PeerLost on the pending read within 10 s, and on writes within 10 s"),
+    "oversized_frame": ("{t} frame prefix announcing a 1 TiB payload",
+                        "ProtocolError from the prefix; the stream keeps working"),
+}
+TRANSPORTS = ["inproc", "tcp", "shm", "ucx"]
+
+
+def _cases() -> list[object]:
+    """(transport, check) pairs, the fault checks marked for the report; ids as two parametrizes would give."""
+    return [pytest.param(transport, check, id=f"{transport}-{check}",
+                         marks=[pytest.mark.fault(FAULTS[check][0].format(t=transport), FAULTS[check][1])]
+                         if check in FAULTS else [])
+            for transport in TRANSPORTS for check in conformance.CHECKS]
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("check", list(conformance.CHECKS))
-@pytest.mark.parametrize("transport", ["inproc", "tcp", "shm", "ucx"])
+@pytest.mark.parametrize(("transport", "check"), _cases())
 async def test_conformance(transport: str, check: str, anyio_backend: str) -> None:
     reason = _skip_reason(transport)
     if reason:

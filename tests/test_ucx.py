@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import anyio
 import numpy as np
@@ -123,6 +124,8 @@ async def test_send_before_the_peer_reads() -> None:
                 assert out == payload
 
 
+@pytest.mark.fault("ucx read cancelled while the connection is idle, and while a payload is queued",
+                   "nothing lost: later reads get the whole frame")
 async def test_cancelled_read_loses_nothing() -> None:
     with anyio.fail_after(10):
         async with ucx_pair() as (a, b):
@@ -155,26 +158,33 @@ async def test_close_write_ends_the_stream_after_the_data() -> None:
             assert await a.recv_exactly(5) == b"reply"
 
 
-async def test_abort_fails_the_peers_reads_and_writes() -> None:
+@pytest.mark.fault("one end of a ucx connection aborted while the other reads (one process)",
+                   "PeerLost on the pending read and on a later write, within 10 s; the aborted end's reads "
+                   "raise PeerLost ('aborted')")
+async def test_abort_fails_the_peers_reads_and_writes(detected: Callable[[float], None]) -> None:
     with anyio.fail_after(10):
         async with ucx_pair() as (a, b):
             await a.send_frame(b"before")
             failed: list[str] = []
+            times: dict[str, float] = {}
 
             async def read() -> None:
                 with pytest.raises(PeerLost):
                     await b.recv_exactly(100)
+                times["failed"] = anyio.current_time()
                 failed.append("read")
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read)
                 await anyio.sleep(0.05)
+                times["aborted"] = anyio.current_time()
                 a.abort()
             assert failed == ["read"]
             with pytest.raises(PeerLost):
                 await b.send_frame(b"x", b"y" * 65536)
             with pytest.raises(PeerLost, match="aborted"):
                 await a.recv_exactly(1)
+    detected(times["failed"] - times["aborted"])  # from the abort to the pending read's PeerLost
 
 
 async def test_aclose_delivers_then_ends() -> None:
@@ -187,6 +197,10 @@ async def test_aclose_delivers_then_ends() -> None:
                 await b.recv_exactly(1)
 
 
+@pytest.mark.fault("garbage connect requests to a ucx listener (random bytes, 1 byte, a good header with a "
+                   "bad name, 1 MiB of zeros)",
+                   "each dropped and counted, even the 1 MiB one drained; the listener still accepts a connection "
+                   "that carries a frame")
 async def test_malformed_connect_requests_do_not_kill_the_listener() -> None:
     transport = UcxTransport()
     listener = await transport.listen("")
@@ -221,6 +235,7 @@ async def test_malformed_connect_requests_do_not_kill_the_listener() -> None:
         await listener.aclose()
 
 
+@pytest.mark.fault("ucx listener closed while accept() waits", "PeerLost from accept()")
 async def test_closed_listener_fails_accept() -> None:
     listener = await UcxTransport().listen("")
     with anyio.fail_after(5):
@@ -234,6 +249,7 @@ async def test_closed_listener_fails_accept() -> None:
             await listener.aclose()
 
 
+@pytest.mark.fault("malformed ucx addresses (empty, bad id, no worker address, tcp://, 40 kB)", "InvalidArgument")
 async def test_bad_addresses_are_refused() -> None:
     transport = UcxTransport()
     for bad in ["ucx://", "ucx://zz/AAAA", "ucx://12", "tcp://127.0.0.1:1", "ucx://12/" + "A" * 40000]:
@@ -249,6 +265,8 @@ async def test_idle_wait_uses_no_cpu() -> None:
         assert time.process_time() - cpu < 0.1
 
 
+@pytest.mark.fault("ucx transport used without ucxx installed",
+                   "ucx_available() says why; InvalidArgument with the pip install line")
 def test_missing_ucxx_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ucxx._lib.libucxx", None)
     assert ucx_available() == (False, ucx.NEEDS_UCXX)
@@ -311,18 +329,24 @@ async def test_two_processes_exchange_16_mib(anyio_backend: str) -> None:
             assert await proc.wait() == 0
 
 
+@pytest.mark.fault("peer process killed (SIGKILL) with a ucx connection open",
+                   "PeerLost ('died') on the next read within 10 s of the process being reaped, and on a write")
 @pytest.mark.multiprocess
-async def test_killed_peer_process_is_peer_lost(anyio_backend: str) -> None:
+async def test_killed_peer_process_is_peer_lost(anyio_backend: str, detected: Callable[[float], None],
+                                                record_property: Callable[[str, object], None]) -> None:
     """UCX keepalive notices a dead peer in about a second, once the process is reaped."""
     with anyio.fail_after(30):
         proc, address = await _start_peer(anyio_backend, "sleep")
         async with proc:
             conn = await UcxTransport().connect(address)
             assert await conn.recv_exactly(5) == b"ready"
+            killed_at = anyio.current_time()
             proc.kill()
             await proc.wait()
             with anyio.fail_after(10), pytest.raises(PeerLost, match="died"):
                 await conn.recv_exactly(1)
+            detected(anyio.current_time() - killed_at)  # from SIGKILL (reaping included) to the read's PeerLost
+            record_property("note", "time to detect runs from SIGKILL, the process's reaping included")
             with pytest.raises(PeerLost):
                 await conn.send_frame(b"x", b"y" * 100_000)
             conn.abort()

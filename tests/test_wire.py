@@ -106,29 +106,39 @@ def _prefix(magic: int = MAGIC, version: int = VERSION, hlen: int = 10, plen: in
     return PREFIX.pack(magic, version, hlen, plen)
 
 
+@pytest.mark.fault("frame prefix with a wrong magic number",
+                   "ProtocolError naming the magic")
 @pytest.mark.parametrize("magic", [0, 0x4353, 0xFFFF, MAGIC + 1])
 def test_bad_magic(magic: int) -> None:
     with pytest.raises(sc.ProtocolError, match="magic"):
         parse_prefix(_prefix(magic=magic), max_header=MAX_HEADER_BYTES, max_payload=MAX_PAYLOAD)
 
 
+@pytest.mark.fault("an HTTP request where a frame prefix is expected",
+                   "ProtocolError")
 def test_http_request_is_not_a_frame() -> None:
     with pytest.raises(sc.ProtocolError):
         parse_prefix(b"GET / HTTP/1.1\r\n", max_header=MAX_HEADER_BYTES, max_payload=MAX_PAYLOAD)
 
 
+@pytest.mark.fault("frame prefix of another protocol version",
+                   "ProtocolError naming the version")
 @pytest.mark.parametrize("version", [0, VERSION + 1, 0xFFFF])
 def test_wrong_version(version: int) -> None:
     with pytest.raises(sc.ProtocolError, match="version"):
         parse_prefix(_prefix(version=version), max_header=MAX_HEADER_BYTES, max_payload=MAX_PAYLOAD)
 
 
+@pytest.mark.fault("frame prefix announcing a header of 0 bytes or over the limit (up to 2^32-1)",
+                   "ProtocolError naming the header")
 @pytest.mark.parametrize("hlen", [0, MAX_HEADER_BYTES + 1, 2**32 - 1])
 def test_header_length_out_of_range(hlen: int) -> None:
     with pytest.raises(sc.ProtocolError, match="header"):
         parse_prefix(_prefix(hlen=hlen), max_header=MAX_HEADER_BYTES, max_payload=MAX_PAYLOAD)
 
 
+@pytest.mark.fault("frame header one byte over the handshake's header limit",
+                   "ProtocolError; a header of exactly the limit is accepted")
 def test_header_length_limit_is_inclusive() -> None:
     assert parse_prefix(_prefix(hlen=MAX_HEADER_BYTES), max_header=MAX_HEADER_BYTES,
                         max_payload=0) == (MAX_HEADER_BYTES, 0)
@@ -137,6 +147,8 @@ def test_header_length_limit_is_inclusive() -> None:
                      max_header=wire.HANDSHAKE_MAX_HEADER_BYTES, max_payload=0)
 
 
+@pytest.mark.fault("frame prefix announcing a payload over the limit (up to 2^64-1 bytes)",
+                   "ProtocolError naming the payload, from the prefix alone; exactly the limit is accepted")
 @pytest.mark.parametrize("plen", [MAX_PAYLOAD + 1, 2**63, 2**64 - 1])
 def test_payload_too_large(plen: int) -> None:
     with pytest.raises(sc.ProtocolError, match="payload"):
@@ -145,6 +157,8 @@ def test_payload_too_large(plen: int) -> None:
                         max_payload=MAX_PAYLOAD) == (10, MAX_PAYLOAD)
 
 
+@pytest.mark.fault("frame encoded with a payload one byte over the receiver's limit",
+                   "ProtocolError from its prefix")
 def test_encoded_oversized_payload_is_refused() -> None:
     prefix, _ = _split(encode(Data(0, 0, 10, "g", 0, 0), MAX_PAYLOAD + 1))
     with pytest.raises(sc.ProtocolError):
@@ -154,6 +168,9 @@ def test_encoded_oversized_payload_is_refused() -> None:
 # -- malformed headers ----------------------------------------------------------------------------
 
 
+@pytest.mark.fault("undecodable frame header (invalid or truncated msgpack, unknown tag, wrong field types, "
+                   "missing fields, not an array, empty)",
+                   "ProtocolError 'undecodable'")
 @pytest.mark.parametrize(
     "header",
     [
@@ -175,6 +192,8 @@ def test_garbage_headers(header: bytes) -> None:
         decode(header)
 
 
+@pytest.mark.fault("Hello header cut short (1 byte, half, all but one byte)",
+                   "ProtocolError")
 def test_truncated_frame_header() -> None:
     _, header = _split(encode(Hello(VERSION, "w", 1, 2, b"x" * 32)))
     for cut in (1, len(header) // 2, len(header) - 1):
@@ -221,6 +240,8 @@ def _auth_fails(h: object, *, token: str = TOKEN, nonce: bytes, world_id: str | 
     return info.value
 
 
+@pytest.mark.fault("Hello signed with the wrong token (or checked with the wrong one)",
+                   "AuthError naming neither token")
 def test_wrong_token_rejected() -> None:
     nonce = new_nonce()
     h = make_hello("wrong-token", nonce, "w-1", 1, 4)
@@ -232,6 +253,8 @@ def test_wrong_token_rejected() -> None:
     assert TOKEN not in str(info.value) and "wrong-token" not in str(info.value)
 
 
+@pytest.mark.fault("Hello signed with an empty token, a prefix of the token, or the token plus a character",
+                   "AuthError naming no token")
 def test_empty_token_and_token_prefix_rejected() -> None:
     nonce = new_nonce()
     _auth_fails(make_hello("", nonce, "w-1", 1, 4), nonce=nonce)
@@ -239,11 +262,15 @@ def test_empty_token_and_token_prefix_rejected() -> None:
     _auth_fails(make_hello(TOKEN + "x", nonce, "w-1", 1, 4), nonce=nonce)
 
 
+@pytest.mark.fault("Hello replayed against another nonce",
+                   "AuthError (token check) naming no token")
 def test_replayed_hello_with_other_nonce_rejected() -> None:
     h = make_hello(TOKEN, new_nonce(), "w-1", 1, 4)
     _auth_fails(h, nonce=new_nonce(), match="token")
 
 
+@pytest.mark.fault("Hello with a tampered rank or world id, or a zeroed or empty MAC",
+                   "AuthError naming no token")
 def test_tampered_fields_break_the_mac() -> None:
     nonce = new_nonce()
     h = make_hello(TOKEN, nonce, "w-1", 1, 4)
@@ -253,6 +280,8 @@ def test_tampered_fields_break_the_mac() -> None:
     _auth_fails(msgspec.structs.replace(h, mac=b""), nonce=nonce)
 
 
+@pytest.mark.fault("Hello from another group (other world id)",
+                   "AuthError 'another group' naming both world ids")
 def test_wrong_world_id_rejected() -> None:
     nonce = new_nonce()
     h = make_hello(TOKEN, nonce, "other-world", 1, 4)
@@ -260,6 +289,8 @@ def test_wrong_world_id_rejected() -> None:
     assert "other-world" in str(err) and "w-1" in str(err)
 
 
+@pytest.mark.fault("Hello with another world_size",
+                   "AuthError naming the world_size it sent")
 @pytest.mark.parametrize("theirs", [1, 3, 5, 8])
 def test_wrong_world_size_rejected(theirs: int) -> None:
     nonce = new_nonce()
@@ -268,6 +299,8 @@ def test_wrong_world_size_rejected(theirs: int) -> None:
     assert str(theirs) in str(err)
 
 
+@pytest.mark.fault("Hello with a rank out of range (-1, world_size, 100)",
+                   "AuthError naming the rank")
 @pytest.mark.parametrize("rank", [-1, 4, 100])
 def test_rank_out_of_range_rejected(rank: int) -> None:
     nonce = new_nonce()
@@ -275,6 +308,8 @@ def test_rank_out_of_range_rejected(rank: int) -> None:
     _auth_fails(h, nonce=nonce, world_size=4, match="rank")
 
 
+@pytest.mark.fault("another message (or None, or raw bytes) where a Hello is expected; a Hello of another version",
+                   "ProtocolError (naming the version for the latter)")
 def test_non_hello_and_wrong_version_are_protocol_errors() -> None:
     nonce = new_nonce()
     for msg in (Welcome(0), Heartbeat(), Reject("x"), Challenge(VERSION, nonce), None, b"hello"):

@@ -131,8 +131,10 @@ def _fault_then_errors(world: World, victims: list[int], inflict: Callable[[], N
 @pytest.mark.fault("5 ms latency each way and 1% packet loss on every link, 4 hosts over tcp",
                    "every collective and send/recv correct for 5 dtypes and 2 sizes")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_collectives_stay_correct_under_latency_and_loss(fabric: netns.Fabric, backend: str) -> None:
+def test_collectives_stay_correct_under_latency_and_loss(fabric: netns.Fabric, backend: str,
+                                                         record_property: Callable[[str, object], None]) -> None:
     kernel_netem = fabric.impair(delay_ms=5, loss=0.01)
+    record_property("note", f"by {fabric.impaired_by}")
     try:
         with World(fabric, "ops", backend, impaired=not kernel_netem) as world:
             results = world.results(list(range(HOSTS)), seconds=150)

@@ -518,8 +518,14 @@ class LayerStream:
             raise e.error from None
         except BaseException as e:
             chan.counters["failed"] += 1
-            if ch is not None and not isinstance(e, PeerLost):
-                engine.notify(peer, (ch, -1, TAG_TO_SENDER), pack(_failure_notice(e), NOTICE_BYTES))
+            to_sender = ch
+            if to_sender is None and offer_recv.finished and offer_recv.error is None:
+                try:  # the offer landed just as we gave up: its sender is waiting, tell it
+                    to_sender = f"{chan._base(key)}|{unpack_offer(offer_recv.dest).nonce:x}"
+                except CommError:
+                    pass
+            if to_sender is not None and not isinstance(e, PeerLost):
+                engine.notify(peer, (to_sender, -1, TAG_TO_SENDER), pack(_failure_notice(e), NOTICE_BYTES))
             raise
         finally:
             engine.cancel(offer_recv)

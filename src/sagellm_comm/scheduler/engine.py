@@ -73,6 +73,10 @@ class Incoming:
         self.target: Recv | Unexpected | None = None  # None: discard
 
 
+def _still_target(inc: Incoming, t: Recv) -> Callable[[], bool]:
+    return lambda: inc.target is t
+
+
 class Peer:
     def __init__(self, rank: int, conn: Connection) -> None:
         self.rank = rank
@@ -342,6 +346,34 @@ class Engine:
         recv.fail(CommClosed("receive withdrawn by its caller"))
         recv.state = "cancelled"
 
+    def withdraw(self, recv: Recv) -> None:
+        """Like `cancel`, for a caller that never saw the result: a p2p message that landed
+        in full just as its caller gave up goes to the next receive instead of being lost.
+
+        The caller sees its cancellation and may reuse the buffer, so the bytes are
+        copied out first; a receive already waiting for the same (source, tag) gets
+        them at once, otherwise they wait first in line.
+        """
+        if not (recv.finished and recv.state == "done" and recv.channel[1] < 0):
+            self.cancel(recv)
+            return
+        recv.state = "cancelled"
+        if recv.channel[0] in self._discarded:
+            return  # an ended KV transfer: nobody will ask for this again
+        landed = as_host_bytes(recv.dest[: recv.total])
+        waiting = self.matcher.match_posted(recv.src, recv.channel)
+        if waiting is not None:
+            err = self._mismatch(waiting, recv.total, recv.fp, recv.src)
+            if err is None:
+                waiting.dest[:] = landed
+                waiting.complete()
+                return
+            waiting.fail(err)  # as when it is posted behind a message it cannot hold
+        msg = self.matcher.add_unexpected(recv.src, recv.channel, recv.fp, recv.total, front=True)
+        bytes_view(msg.block)[: recv.total] = landed
+        msg.received = recv.total
+        msg.complete = True
+
     def _mismatch(self, recv: Recv, total: int, fp: Fingerprint | None, src: int) -> CommError | None:
         """Why the message (total bytes, fingerprint) cannot land in `recv`, or None."""
         if recv.channel[1] >= 0:  # collectives: the fingerprint was checked at claim time
@@ -474,13 +506,17 @@ class Engine:
                 view = dest.window(inc.received, end) if isinstance(dest, Pieces) else dest[inc.received : end]
             else:
                 view = bytes_view(t.block)[inc.received : end]
-            n = await conn.recv_some_into(view)
-            if inc.target is not t and isinstance(view, DeviceBytes):
-                # the receive was withdrawn while a device copy into it was landing (host copies
-                # never yield mid-way): carry those bytes over to wherever the message goes now
+            # a read that must wait gives up (0) if the receive is withdrawn meanwhile: the
+            # caller may reuse its buffer at once, so nothing may land there after the cancel
+            n = await conn.recv_some_into(view, _still_target(inc, t) if isinstance(t, Recv) else None)
+            if n == 0:
+                continue
+            if inc.target is not t:
+                # withdrawn while a copy into it was already committed (a device copy, a UCX
+                # receive): carry those bytes over to wherever the message goes now
                 moved = inc.target
                 if isinstance(moved, Unexpected):
-                    bytes_view(moved.block)[inc.received : inc.received + n] = view[:n].to_host()
+                    bytes_view(moved.block)[inc.received : inc.received + n] = as_host_bytes(view[:n])
             inc.received += n
             if isinstance(view, memoryview) and isinstance(t, Recv) and inc.target is t:
                 dest = t.dest

@@ -14,7 +14,7 @@ import heapq
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,8 @@ import anyio.lowlevel
 from ..buffers import DeviceBytes
 from ..errors import PeerLost
 from .bounce import Bounce, device_to_host_pieces, host_to_device_piece
+
+Wanted = Callable[[], bool]  # is the view of a pending read still where its bytes should go?
 
 Bytes = bytes | bytearray | memoryview
 
@@ -141,8 +143,11 @@ class Connection(ABC):
         return parts
 
     @abstractmethod
-    async def _recv_some(self, view: memoryview) -> int:
-        """Read 1..len(view) bytes into `view`; raise PeerLost at end of stream."""
+    async def _recv_some(self, view: memoryview, wanted: Wanted | None = None) -> int:
+        """Read 1..len(view) bytes into `view`; raise PeerLost at end of stream.
+
+        `wanted`: asked after any wait; if it is false, return 0 without touching `view`.
+        """
 
     @abstractmethod
     def abort(self) -> None:
@@ -230,8 +235,14 @@ class Connection(ABC):
         self._rstart += n
         return out
 
-    async def recv_some_into(self, view: Any) -> int:
+    async def recv_some_into(self, view: Any, wanted: Wanted | None = None) -> int:
         """Read 1..len(view) bytes into `view`, from the read-ahead buffer first.
+
+        `wanted`: whether `view` is still the right place, asked after any wait. A read
+        that had to wait returns 0 instead, with `view` untouched, when it is not: the
+        caller of a receive that was withdrawn meanwhile may already have reused that
+        memory. (Reads that need no wait copy at once, and a transport that committed
+        a copy before it could ask may still land it: the caller checks afterwards.)
 
         `view` may be `DeviceBytes`: a transport with `device_payloads` copies into it
         itself; for the others the bytes go through a pinned bounce buffer, and the
@@ -248,12 +259,15 @@ class Connection(ABC):
             self._rstart += n
             return n
         if len(view) >= DIRECT_READ_MIN or not self.greedy_reads:
-            got = await self._recv_some(view)
+            got = await self._recv_some(view, wanted)
             self.bytes_received += got
-            self.last_receive = time.monotonic()
+            if got:
+                self.last_receive = time.monotonic()
             return got
         self._rstart = self._rend = 0
         await self._fill(1)
+        if wanted is not None and not wanted():
+            return 0
         return await self.recv_some_into(view)
 
     async def recv_into(self, view: memoryview) -> None:

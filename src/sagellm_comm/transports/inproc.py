@@ -15,7 +15,7 @@ from collections import deque
 import anyio
 
 from ..errors import InvalidArgument, PeerLost
-from .base import Connection, Listener, Transport
+from .base import Connection, Listener, Transport, Wanted
 
 PIPE_CAPACITY = 4 * 1024 * 1024
 
@@ -55,13 +55,15 @@ class Pipe:
             self.buffered += len(data)
             self._notify()
 
-    async def read_into(self, view: memoryview) -> int:
+    async def read_into(self, view: memoryview, wanted: Wanted | None = None) -> int:
         while not self.chunks:
             if self.aborted:
                 raise PeerLost("in-process link aborted")
             if self.closed:
                 raise PeerLost("in-process link closed by the peer")
             await self.wait_change()
+            if wanted is not None and not wanted():
+                return 0
         head = self.chunks[0]
         n = min(len(head), len(view))
         view[:n] = head[:n]
@@ -99,8 +101,8 @@ class InprocConnection(Connection):
     async def _send_parts(self, parts: list[memoryview]) -> None:
         await self.tx.write(parts)
 
-    async def _recv_some(self, view: memoryview) -> int:
-        return await self.rx.read_into(view)
+    async def _recv_some(self, view: memoryview, wanted: Wanted | None = None) -> int:
+        return await self.rx.read_into(view, wanted)
 
     def abort(self) -> None:
         self.tx.abort()

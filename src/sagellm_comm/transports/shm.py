@@ -53,7 +53,7 @@ import anyio.lowlevel
 from ..buffers import DeviceBytes
 from ..errors import CommTimeout, InvalidArgument, PeerLost
 from ..scheduler import device
-from .base import Connection, Listener, SocketListener, Transport, close_socket
+from .base import Connection, Listener, SocketListener, Transport, Wanted, close_socket
 
 MAGIC = 0x53434F4D4D53484D  # "SCOMMSHM"
 CTRL_BYTES = 4096  # per direction: indices and flags, each on its own cache line
@@ -377,7 +377,7 @@ class ShmConnection(Connection):
                 await self._wait(self._data, self._bell, ring, READER_PARKED, spin=DMA_SPIN)
         return issued
 
-    async def _recv_some(self, view: Any) -> int:
+    async def _recv_some(self, view: Any, wanted: Wanted | None = None) -> int:
         inp = self._in
         while True:
             if isinstance(view, DeviceBytes):
@@ -401,6 +401,8 @@ class ShmConnection(Connection):
             # a device copy of the other side is about to land: wait for it without parking
             await self._wait(self._data, self._bell, inp, READER_PARKED,
                              spin=DMA_SPIN if isinstance(view, DeviceBytes) else None)
+            if wanted is not None and not wanted():
+                return 0
 
     def close_write(self) -> None:
         if self._closed:

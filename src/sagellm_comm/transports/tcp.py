@@ -17,7 +17,7 @@ import socket
 import anyio
 
 from ..errors import CommTimeout, InvalidArgument, PeerLost
-from .base import Connection, Listener, SocketListener, Transport, close_socket
+from .base import Connection, Listener, SocketListener, Transport, Wanted, close_socket
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -88,7 +88,7 @@ class TcpConnection(Connection):
     async def _wait_writable(self) -> None:
         await self._wait(anyio.wait_writable)
 
-    async def _recv_some(self, view: memoryview) -> int:
+    async def _recv_some(self, view: memoryview, wanted: Wanted | None = None) -> int:
         sock = self._sock
         while True:
             if self._closed:
@@ -97,6 +97,8 @@ class TcpConnection(Connection):
                 n = sock.recv_into(view)
             except BlockingIOError:
                 await self._wait(anyio.wait_readable)
+                if wanted is not None and not wanted():
+                    return 0
                 continue
             except OSError as e:
                 raise PeerLost(f"connection to {self._peername} broke: {e}") from None

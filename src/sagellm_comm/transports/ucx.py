@@ -60,7 +60,7 @@ import anyio
 import anyio.lowlevel
 
 from ..errors import CommTimeout, InvalidArgument, PeerLost, ProtocolError
-from .base import DIRECT_READ_MIN, Connection, Listener, Transport, connected_pair
+from .base import DIRECT_READ_MIN, Connection, Listener, Transport, Wanted, connected_pair
 
 log = logging.getLogger("sagellm_comm.ucx")
 
@@ -378,7 +378,7 @@ class UcxConnection(Connection):
     def _readable(self) -> bool:
         return self._w.probe(self._recv_tag).matched or self._gone() is not None
 
-    async def _recv_some(self, view: memoryview) -> int:
+    async def _recv_some(self, view: memoryview, wanted: Wanted | None = None) -> int:
         self._reading = True
         try:
             while True:
@@ -394,6 +394,8 @@ class UcxConnection(Connection):
                     raise self._lost(why)
                 else:
                     await self._w.wait_until(self._readable)
+                    if wanted is not None and not wanted():
+                        return 0
                     continue
                 if n:
                     return n

@@ -36,7 +36,7 @@ def _add_demo(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl,kv}")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl,kv,soak}")
     a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
                         help="all_reduce bandwidth and latency",
                         description="all_reduce (float32, sum) between WORLD local processes: "
@@ -107,6 +107,36 @@ def _add_bench(sub: Any) -> None:
     n.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     n.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
     _add_bench_kv(bsub)
+    _add_bench_soak(bsub)
+
+
+def _add_bench_soak(bsub: Any) -> None:
+    s = bsub.add_parser("soak", help="mixed collectives, p2p and KV transfers with random cancellations; "
+                                     "nothing may grow",
+                        description="WORLD processes run the same seeded random schedule for SECONDS: every "
+                                    "collective on random sizes and dtypes, p2p messages and KV transfers, all "
+                                    "checked, with KV transfers and p2p receives cancelled at random. Reports ops, "
+                                    "errors, and RSS, open fds and shared-memory segments after the warm-up and at "
+                                    "the end; exits 1 on an unexpected error, a wrong result or growth.")
+    s.add_argument("--seconds", type=float, default=60.0, help="how long, warm-up included (default 60)")
+    s.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds before the first sample (default: a fifth of --seconds, at most 10)")
+    s.add_argument("--world", type=int, default=2, help="number of processes, 2-15 (default 2)")
+    s.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto")
+    s.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    s.add_argument("--seed", type=int, default=1, help="the schedule's seed (default 1)")
+    s.add_argument("--p2p-cancel", type=float, default=0.3,
+                   help="share of p2p receives cancelled after 0-3 ms and posted again (default 0.3; 0: only "
+                        "KV transfers are cancelled)")
+    s.add_argument("--kv-cancel", default="recv_break,recv_deadline,send_sync,send_race",
+                   help="how KV transfers are cancelled, comma-separated (default all four; 'none': never): "
+                        "recv_break (the receiver leaves after layer k), recv_deadline (a deadline cancels the "
+                        "receiver 0-3 ms after layer k), send_sync (the sender is cancelled while the receiver "
+                        "waits), send_race (the sender is cancelled while the receiver goes on)")
+    s.add_argument("--rss-limit-mib", type=float, default=32.0,
+                   help="allowed RSS growth after the warm-up, MiB (default 32)")
+    s.add_argument("--op-timeout", type=float, default=60.0, help="seconds any one op may take (default 60)")
+    s.add_argument("--json", metavar="FILE", help="write every rank's samples, counts and the verdict here")
 
 
 def _add_bench_kv(bsub: Any) -> None:
@@ -240,6 +270,7 @@ WORKERS = {  # `_worker KIND`: the module (of this package) and function that ru
     "overlap": ("bench_overlap", "overlap_worker"),
     "nccl": ("bench_nccl", "nccl_worker"),
     "kv": ("bench_kv", "kv_worker"),
+    "soak": ("bench_soak", "soak_worker"),
 }
 
 
@@ -357,6 +388,37 @@ def _bench_kv(args: Any, argv: list[str] | None) -> int:
         return 1
 
 
+def _bench_soak(args: Any, argv: list[str] | None) -> int:
+    from . import bench_soak
+    from .bench_allreduce import WorkersFailed
+
+    if (not 2 <= args.world <= 15 or args.seconds <= 0 or args.seed < 0 or args.warmup >= args.seconds
+            or not 0 <= args.p2p_cancel <= 1):
+        print("sagellm-comm bench soak: needs 2 <= --world <= 15, --seconds > 0, --seed >= 0, "
+              "--warmup < --seconds and 0 <= --p2p-cancel <= 1", file=sys.stderr)
+        return 2
+    if find_spec("torch") is None:
+        print("sagellm-comm bench soak needs torch (its KV transfers): pip install 'sagellm-comm[bench]'",
+              file=sys.stderr)
+        return 2
+    try:
+        kv_cancel = () if args.kv_cancel.strip() == "none" else tuple(
+            _split([args.kv_cancel], bench_soak.KV_MODES[1:], [], "--kv-cancel mode"))
+    except ValueError as e:
+        print(f"sagellm-comm bench soak: {e}", file=sys.stderr)
+        return 2
+    settings = bench_soak.Settings(seconds=args.seconds, world=args.world, transport=args.transport,
+                                   backend=args.backend, seed=args.seed, warmup=args.warmup,
+                                   p2p_cancel=args.p2p_cancel, kv_cancel=kv_cancel, op_timeout=args.op_timeout,
+                                   rss_limit_mib=args.rss_limit_mib)
+    try:
+        return bench_soak.run(settings, json_path=args.json,
+                              argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)])
+    except WorkersFailed as e:
+        print(f"sagellm-comm bench soak FAILED: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sagellm-comm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -375,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_transports(args, argv)
     if args.cmd == "bench" and args.bench == "kv":
         return _bench_kv(args, argv)
+    if args.cmd == "bench" and args.bench == "soak":
+        return _bench_soak(args, argv)
     if args.cmd == "bench" and args.bench in ("gpu", "overlap", "nccl"):
         return _bench_device(args, argv)
     if args.cmd == "bench":

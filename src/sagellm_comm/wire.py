@@ -160,7 +160,8 @@ def decode(header: bytes | memoryview) -> Message:
     try:
         msg: Message = _decoder.decode(header)
         return msg
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        # msgspec raises UnicodeDecodeError (not DecodeError) for a str that is not UTF-8
         raise ProtocolError(f"undecodable frame header: {e}") from None
 
 
@@ -186,6 +187,8 @@ def check_hello(hello: Any, token: str, nonce: bytes, *, world_id: str | None, w
         raise ProtocolError(f"expected a Hello frame, got {type(hello).__name__}")
     if hello.version != VERSION:
         raise ProtocolError(f"peer speaks protocol version {hello.version}, this process {VERSION}")
+    if not -(2**31) <= hello.rank < 2**31:  # the MAC covers the rank as 32 bits: _mac would raise OverflowError
+        raise ProtocolError(f"peer claims rank {hello.rank}, which does not fit the protocol's 32 bits")
     expected = _mac(token, nonce, hello.world_id, hello.rank)
     if not hmac.compare_digest(expected, hello.mac):
         raise AuthError(f"rank {hello.rank} presented a wrong auth token")

@@ -57,6 +57,7 @@ class EngineConfig:
     heartbeat_timeout: float = 10.0  # seconds of silence after which a peer is lost
     frame_bytes: int = 4 * 1024 * 1024  # payload bytes per data frame
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES  # refuse larger frames unread
+    max_message_bytes: int = 64 << 30  # refuse a message announced larger before buffering any of it
     close_timeout: float = 2.0  # seconds to wait for peers' goodbyes on close
 
 
@@ -421,7 +422,14 @@ class Engine:
                 if g is not None:
                     self.fail_group(g, err, notify=True, cause="mismatch")
                 return inc
-        inc.target = self.matcher.add_unexpected(src, channel, d.fp, d.total)
+        if d.total > self.config.max_message_bytes:
+            raise ProtocolError(f"rank {src} announced a message of {d.total} bytes, over the limit of "
+                                f"{self.config.max_message_bytes} (EngineConfig.max_message_bytes)")
+        try:
+            inc.target = self.matcher.add_unexpected(src, channel, d.fp, d.total)
+        except (MemoryError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"rank {src} announced a message of {d.total} bytes that cannot be "
+                                f"buffered here: {e!r}") from None
         return inc
 
     def _finish(self, inc: Incoming) -> None:

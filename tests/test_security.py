@@ -102,3 +102,41 @@ async def test_wrong_and_missing_tokens_are_refused_and_never_shown(caplog: pyte
     assert "wrong auth token" in shown
     for secret in (RIGHT, WRONG):
         assert secret not in shown
+
+
+@pytest.mark.fault("a process squatting on the master's port answers the rendezvous without the token",
+                   "AuthError on the joining rank before it uses the table it was handed; the token not shown")
+async def test_listener_must_prove_it_knows_the_token() -> None:
+    """Authentication is mutual: the joiner checks the Welcome's signature over its own nonce, so an
+    impostor cannot hand out an address table (or pose as a peer and be sent our data)."""
+    from sagellm_comm import wire
+    from sagellm_comm.transports.tcp import bind_listener
+
+    listener = bind_listener("127.0.0.1", 0)
+    port = int(listener.address.rsplit(":", 1)[1])
+    seen: list[wire.Message] = []
+
+    async def impostor() -> None:
+        conn = await listener.accept()
+        await conn.send_frame(wire.encode(wire.Challenge(wire.VERSION, wire.new_nonce())))
+        prefix = await conn.recv_exactly(wire.PREFIX_SIZE)
+        hlen, _ = wire.parse_prefix(prefix, max_header=wire.HANDSHAKE_MAX_HEADER_BYTES, max_payload=0)
+        hello = wire.decode(await conn.recv_exactly(hlen))
+        seen.append(hello)
+        assert isinstance(hello, wire.Hello)
+        forged = wire.make_welcome("a guess", hello, 1, "w-fake", ["tcp://127.0.0.1:9", "tcp://127.0.0.1:9"])
+        await conn.send_frame(wire.encode(forged))
+        await anyio.sleep(5)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(impostor)
+            with pytest.raises(sc.AuthError, match="without proving it knows the auth token") as e:
+                async with sc.init_process_group(f"tcp://127.0.0.1:{port}", rank=1, world_size=2, token=RIGHT,
+                                                 timeout=10):
+                    pass
+            tg.cancel_scope.cancel()
+    await listener.aclose()
+    assert RIGHT not in str(e.value)
+    hello = seen[0]
+    assert isinstance(hello, wire.Hello) and len(hello.nonce) == 16  # the joiner's own challenge

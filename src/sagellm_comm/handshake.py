@@ -55,7 +55,8 @@ async def connect(conn: Connection, *, token: str, world_id: str, rank: int, wor
             raise ProtocolError(f"expected a Challenge, got {type(challenge).__name__}")
         if challenge.version != wire.VERSION:
             raise ProtocolError(f"peer speaks protocol version {challenge.version}, this process {wire.VERSION}")
-        hello = wire.make_hello(token, challenge.nonce, world_id, rank, world_size, address)
+        mine = wire.new_nonce()
+        hello = wire.make_hello(token, challenge.nonce, world_id, rank, world_size, address, mine)
         await conn.send_frame(wire.encode(hello))
         answer = await read_small_frame(conn)
     except PeerLost as e:
@@ -70,4 +71,8 @@ async def connect(conn: Connection, *, token: str, world_id: str, rank: int, wor
     if not isinstance(answer, Welcome):
         conn.abort()
         raise ProtocolError(f"expected Welcome or Reject, got {type(answer).__name__}")
-    return answer
+    try:
+        return wire.check_welcome(answer, token, mine)
+    except AuthError as e:
+        conn.abort()
+        raise AuthError(f"{conn.describe()}: {e}") from None

@@ -21,7 +21,7 @@ import anyio
 from . import handshake, wire
 from .errors import AuthError, CommError, CommTimeout, InvalidArgument
 from .transports.tcp import TcpConnection, bind_listener, connect_tcp
-from .wire import Welcome
+from .wire import Hello
 
 log = logging.getLogger("sagellm_comm.rendezvous")
 
@@ -43,6 +43,7 @@ async def serve(host: str, port: int, *, world_size: int, token: str, my_address
     addresses: list[str | None] = [None] * world_size
     addresses[0] = my_address
     joined: dict[int, TcpConnection] = {}
+    hellos: dict[int, Hello] = {}
     all_joined = anyio.Event()
 
     async def admit(conn: TcpConnection) -> None:
@@ -64,6 +65,7 @@ async def serve(host: str, port: int, *, world_size: int, token: str, my_address
             await handshake.reject(conn, f"rank {hello.rank} has already joined this rendezvous")
             return
         joined[hello.rank] = conn
+        hellos[hello.rank] = hello
         addresses[hello.rank] = hello.address
         if len(joined) == world_size - 1:
             all_joined.set()
@@ -89,7 +91,7 @@ async def serve(host: str, port: int, *, world_size: int, token: str, my_address
     table = [a or "" for a in addresses]
     for r, conn in joined.items():
         try:
-            await conn.send_frame(wire.encode(Welcome(r, world_id, table)))
+            await conn.send_frame(wire.encode(wire.make_welcome(token, hellos[r], r, world_id, table)))
         finally:
             await conn.aclose()
     return RendezvousResult(world_id, table)

@@ -118,12 +118,14 @@ class Hello(msgspec.Struct, tag="H", array_like=True):
     world_size: int
     mac: bytes
     address: str = ""  # where this rank accepts data connections (rendezvous only)
+    nonce: bytes = b""  # the connector's own challenge: the Welcome must answer it
 
 
 class Welcome(msgspec.Struct, tag="W", array_like=True):
     rank: int
     world_id: str = ""
     addresses: list[str] = []  # rendezvous only: every rank's data address, by rank
+    mac: bytes = b""  # proves the acceptor knows the token too (answers Hello.nonce)
 
 
 class Reject(msgspec.Struct, tag="R", array_like=True):
@@ -174,8 +176,34 @@ def _mac(token: str, nonce: bytes, world_id: str, rank: int) -> bytes:
     return hmac.new(token.encode(), msg, hashlib.sha256).digest()
 
 
-def make_hello(token: str, nonce: bytes, world_id: str, rank: int, world_size: int, address: str = "") -> Hello:
-    return Hello(VERSION, world_id, rank, world_size, _mac(token, nonce, world_id, rank), address)
+def make_hello(token: str, nonce: bytes, world_id: str, rank: int, world_size: int, address: str = "",
+               own_nonce: bytes = b"") -> Hello:
+    return Hello(VERSION, world_id, rank, world_size, _mac(token, nonce, world_id, rank), address, own_nonce)
+
+
+def _welcome_mac(token: str, nonce: bytes, rank: int, world_id: str, addresses: list[str]) -> bytes:
+    msg = b"welcome\0" + nonce + msgspec.msgpack.encode([rank, world_id, addresses])
+    return hmac.new(token.encode(), msg, hashlib.sha256).digest()
+
+
+def make_welcome(token: str, hello: Hello, rank: int, world_id: str = "", addresses: list[str] | None = None
+                 ) -> Welcome:
+    """The acceptor's answer to `hello`, signed over the connector's nonce (and the address table)."""
+    table = list(addresses or [])
+    return Welcome(rank, world_id, table, _welcome_mac(token, hello.nonce, rank, world_id, table))
+
+
+def check_welcome(welcome: Welcome, token: str, nonce: bytes) -> Welcome:
+    """The connector's side of mutual authentication: only a holder of the token can sign `nonce`.
+
+    Without it, a process squatting on the master's port could hand out an address
+    table of its own choosing, or pose as a peer and be sent our data.
+    """
+    expected = _welcome_mac(token, nonce, welcome.rank, welcome.world_id, welcome.addresses)
+    if not hmac.compare_digest(expected, welcome.mac):
+        raise AuthError("the listener answered without proving it knows the auth token: "
+                        "it is not a rank of this world (or has another token)")
+    return welcome
 
 
 def check_hello(hello: Any, token: str, nonce: bytes, *, world_id: str | None, world_size: int) -> Hello:

@@ -26,7 +26,8 @@ def report(**fields: object) -> None:
 
 def _init(spec: dict[str, Any], port: int) -> Any:
     return sc.init_process_group(f"tcp://{spec['master']}:{port}", rank=spec["rank"], world_size=spec["world"],
-                                 token=spec["token"], timeout=spec.get("init_timeout", 60), transport="tcp",
+                                 token=spec["token"], timeout=spec.get("init_timeout", 60),
+                                 transport=spec.get("transport", "tcp"),
                                  heartbeat_interval=spec.get("hb_interval"), heartbeat_timeout=spec.get("hb_timeout"))
 
 
@@ -83,8 +84,13 @@ async def ops(spec: dict[str, Any], port: int) -> None:
             for k, v in (await every_op(comm)).items():
                 checks[k] = checks.get(k, True) and v
         seconds = time.perf_counter() - t
+        model = comm.cost_model
+        sweep = [(op, n) for op in ("all_reduce", "all_gather", "reduce_scatter") for n in (64, 1 << 20, 1 << 26)]
+        choices = [] if model is None else [model.choose(op, n, comm.world_size)[0] for op, n in sweep]
         report(rank=comm.rank, ok=all(checks.values()), failed=[k for k, v in checks.items() if not v],
-               checks=len(checks), seconds=seconds, small_all_reduce_ms=await small_all_reduce_ms(comm))
+               checks=len(checks), seconds=seconds, small_all_reduce_ms=await small_all_reduce_ms(comm),
+               links=sorted({str(v["transport"]) for v in comm.peer_transports().values()}),
+               classes=comm.topology.link_classes() if comm.topology else [], choices=choices)
 
 
 async def until_fault(spec: dict[str, Any], port: int) -> dict[str, Any]:

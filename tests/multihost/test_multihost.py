@@ -89,17 +89,18 @@ class Rank:
 
 class World:
     def __init__(self, fabric: netns.Fabric, scenario: str, backend: str, *, impaired: bool = False,
-                 **extra: Any) -> None:
+                 placement: list[int] | None = None, **extra: Any) -> None:
         self.fabric = fabric
-        self.base = {"scenario": scenario, "world": HOSTS, "master": fabric.addr(0, impaired), "port": 29400,
-                     "token": TOKEN, "backend": backend, "hb_interval": HB_INTERVAL, "hb_timeout": HB_TIMEOUT,
-                     **extra}
+        self.placement = placement or list(range(HOSTS))  # rank r runs on host placement[r]
+        self.base = {"scenario": scenario, "world": len(self.placement),
+                     "master": fabric.addr(self.placement[0], impaired), "port": 29400, "token": TOKEN,
+                     "backend": backend, "hb_interval": HB_INTERVAL, "hb_timeout": HB_TIMEOUT, **extra}
         self.ranks: dict[int, Rank] = {}
-        for r in range(HOSTS):
+        for r in range(len(self.placement)):
             self.start(r)
 
     def start(self, r: int, **override: Any) -> None:
-        self.ranks[r] = Rank(self.fabric, r, {**self.base, "rank": r, **override})
+        self.ranks[r] = Rank(self.fabric, self.placement[r], {**self.base, "rank": r, **override})
 
     def __enter__(self) -> World:
         return self
@@ -208,6 +209,19 @@ def test_restarted_rank_joins_a_rebuilt_group(fabric: netns.Fabric, backend: str
         assert fault["error"] == "PeerLost", (r, fault)
     for r, res in results.items():
         assert res["ok"] and res["checks"] == 70, (r, res["failed"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_links_agree_on_every_algorithm(fabric: netns.Fabric, backend: str) -> None:
+    """Ranks 0 and 1 share a host (shared memory between them), rank 2 is elsewhere (tcp): each rank's
+    own links differ, yet the gathered cost model is the same everywhere, so every collective agrees."""
+    with World(fabric, "ops", backend, placement=[0, 0, 1], transport="auto") as world:
+        results = world.results([0, 1, 2], seconds=120)
+    for r, res in results.items():
+        assert res["ok"] and res["checks"] == 70, (r, res["failed"])
+    assert results[0]["links"] == ["shm", "tcp"] and results[2]["links"] == ["tcp"], results
+    assert all(res["classes"] == ["shm", "tcp_remote"] for res in results.values()), results
+    assert results[0]["choices"] == results[1]["choices"] == results[2]["choices"], results
 
 
 def test_fabric_reaches_nothing_outside(fabric: netns.Fabric) -> None:

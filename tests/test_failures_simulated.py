@@ -38,6 +38,14 @@ def total(ranks: list[int] | range, n: int = 16, dtype: str = "float32", seed: i
     return sum((make(r, n, dtype, seed) for r in ranks), np.zeros(n, dtype=dtype))
 
 
+def ring_when_large(comm: sc.Communicator, n: int) -> None:
+    """The cost model picks all_reduce's algorithm by predicted time, and on simulated (inproc)
+    links it may pick recursive doubling at LARGE too: force the ring there, whose failure paths
+    the tests with id "ring" are about."""
+    if n >= LARGE and comm.cost_model is not None:
+        comm.cost_model = comm.cost_model.forcing("all_reduce", "ring")
+
+
 async def checked_all_reduce(comm: sc.Communicator, n: int = 16, seed: int = 0) -> np.ndarray:
     """all_reduce(sum) of this rank's `make` data, checked against the numpy sum."""
     x = make(comm.global_ranks[comm.rank], n, seed=seed)
@@ -77,6 +85,7 @@ async def run_until_error(comm: sc.Communicator, n_ops: int, n: int = 16, late: 
     `starts`, if given, gets each op's start time by (rank, op): a fault plan's kill or cut fires then.
     """
     out = Outcome()
+    ring_when_large(comm, n)
     for i in range(n_ops):
         x = make(comm.rank, n, seed=i)
         if (comm.rank, i) == late:
@@ -715,6 +724,7 @@ async def test_cancelled_collective_aborts_the_others(ws: int, n: int, detected:
 
     async def body(comm: sc.Communicator) -> Outcome:
         out = Outcome()
+        ring_when_large(comm, n)
         await checked_all_reduce(comm, n=n)
         x = make(comm.rank, n, seed=1)
         t0 = out.started_at = anyio.current_time()

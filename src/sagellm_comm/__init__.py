@@ -9,6 +9,7 @@ from typing import Any
 from . import testing
 from .errors import (
     AuthError,
+    BackendUnavailable,
     CollectiveAborted,
     CollectiveMismatch,
     CommClosed,
@@ -26,6 +27,7 @@ from .errors import (
 from .group import Communicator
 from .init import init_process_group
 from .scheduler import device
+from .transports.vendor import backend_for
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AuthError",
+    "BackendUnavailable",
     "CollectiveAborted",
     "CollectiveMismatch",
     "CommClosed",
@@ -54,6 +57,7 @@ __all__ = [
     "ProtocolError",
     "TransferCancelled",
     "UnsupportedBuffer",
+    "backend_for",
     "device",
     "init_process_group",
     "kv",

@@ -36,7 +36,8 @@ def _add_demo(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="benchmarks (nccl-tests style)")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="{all-reduce,transports,gpu,overlap,nccl,kv,soak}")
+    bsub = p.add_subparsers(dest="bench", required=True,
+                            metavar="{all-reduce,transports,gpu,overlap,nccl,kv,soak,cost-model}")
     a = bsub.add_parser("all-reduce", aliases=["all_reduce"],
                         help="all_reduce bandwidth and latency",
                         description="all_reduce (float32, sum) between WORLD local processes: "
@@ -108,6 +109,9 @@ def _add_bench(sub: Any) -> None:
     n.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
     _add_bench_kv(bsub)
     _add_bench_soak(bsub)
+    c = bsub.add_parser("cost-model", add_help=False,
+                        help="predicted against measured time of every collective per size (see --help)")
+    c.add_argument("args", nargs=argparse.REMAINDER)
 
 
 def _add_bench_soak(bsub: Any) -> None:
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sagellm-comm",
         description="sagellm-comm: async collectives and p2p on asyncio and trio")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,bench,info,topo}")
     _add_demo(sub)
     _add_bench(sub)
     info = sub.add_parser("info", help="versions, transports and which one reaches which peer")
@@ -187,10 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also start WORLD local ranks and show the transport of every link")
     info.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                       help="transport setting for --world (default: SAGELLM_COMM_TRANSPORT, else auto)")
+    t = sub.add_parser("topo", help="this host's topology: CPUs, NUMA, GPUs and links, NICs, RDMA, accelerators",
+                       description="Discover this host (no messages): a readable tree, or JSON. --calibrate "
+                                   "instead measures each link class and caches the cost model's constants for "
+                                   "this host (`sagellm-comm topo --calibrate --help` for its options).")
+    t.add_argument("--json", action="store_true", help="print the topology as JSON")
+    t.add_argument("--calibrate", nargs=argparse.REMAINDER, default=None, metavar="...",
+                   help="probe the links and cache the fit (the rest of the line goes to the probe)")
     w = sub.add_parser("_worker")
     w.add_argument("kind", choices=sorted(WORKERS))
     w.add_argument("spec", help="JSON")
     return parser
+
+
+def _topo(as_json: bool, calibrate: list[str] | None) -> int:
+    if calibrate is not None:
+        from .topology import calibrate as probe
+
+        return probe.main(calibrate)
+    from . import topology
+
+    found = topology.discover()
+    print(topology.to_json(found) if as_json else topology.format_tree(found))
+    return 0
 
 
 def _version() -> str:
@@ -421,11 +444,18 @@ def _bench_soak(args: Any, argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sagellm-comm` console script; returns the exit code."""
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:2] == ["bench", "cost-model"]:  # its own parser takes the rest, --help included
+        from . import bench_cost
+
+        return bench_cost.main(raw[2:])
     args = build_parser().parse_args(argv)
     if args.cmd == "info":
         return _info(args.world, args.transport)
     if args.cmd == "_worker":
         return _worker(args.kind, args.spec)
+    if args.cmd == "topo":
+        return _topo(args.json, args.calibrate)
     if args.cmd == "demo":
         from .demo import run_demo
 

@@ -1,5 +1,7 @@
-"""CUDA tensors in a communicator's ops: an NCCL lane where every rank has its own GPU,
-host staging through pinned buffers otherwise.
+"""Device tensors in a communicator's ops. CUDA: an NCCL lane (RCCL on ROCm) where every
+rank has its own GPU, host staging through pinned buffers otherwise. Ascend (npu) and
+Cambricon (mlu) tensors: an HCCL or CNCL lane from torch's backend registry, or a clear
+error (they have no host staging). Which tensors take which lane: `transports.vendor`.
 
 Completion is the same as for host tensors: an awaited op has finished, so the
 result can be read from the host and any kernel the caller launches afterwards, on
@@ -9,9 +11,9 @@ copies run on a communication stream that waits for it), while kernels the
 caller queues during the await (another task computing) are not waited for: that
 is what makes overlap possible.
 
-The lane is chosen once per group and priority, by a collective on the host path
-(`open_lane`), so every rank takes the same path. Ops the backend lacks (bitwise
-reductions on NCCL) are staged.
+The lane is chosen once per group, device type and priority, by a collective on the
+host path (`open_lane`), so every rank takes the same path. Ops the backend lacks
+(bitwise reductions) are staged for CUDA tensors and refused for the others.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import anyio
 import anyio.to_thread
 
 from .buffers import DTYPES, DType, ScratchPool
-from .errors import CommError, InvalidArgument, PeerLost, UnsupportedBuffer, unwrap_group_errors
+from .errors import BackendUnavailable, CommError, InvalidArgument, PeerLost, UnsupportedBuffer, unwrap_group_errors
 from .scheduler import device
+from .transports import vendor
 from .transports.nccl import LaneUnavailable, TorchLane, open_lane
 
 if TYPE_CHECKING:
     from .group import Communicator
 
-BACKENDS = ("auto", "nccl", "host")
-NCCL_OPS = frozenset(("", "sum", "prod", "min", "max", "avg"))  # what NCCL reduces; bitwise ops are staged
+BACKENDS = vendor.NAMES
+NCCL_OPS = frozenset(("", "sum", "prod", "min", "max", "avg"))  # what the lanes reduce; bitwise ops are staged
 PRIORITIES = {"high": 1, "normal": 0, "low": -1}
 
 
@@ -49,6 +52,19 @@ def priority_level(priority: str | int) -> int:
 def is_cuda(obj: object) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor) and bool(obj.is_cuda)
+
+
+def on_device_path(obj: object, backend: str) -> bool:
+    """True for tensors that `DeviceOps` moves (cuda, npu, mlu) in a group of `backend`;
+    False for the rest (numpy arrays and CPU tensors: our transports; other devices: refused there)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return False
+    if obj.is_cuda:
+        return True
+    if obj.is_cpu:
+        return vendor.cpu_lane is not None and backend == vendor.cpu_lane  # testing only
+    return obj.device.type in vendor.VENDOR_DEVICES
 
 
 _TORCH_DTYPES: dict[Any, DType] = {}  # torch.dtype -> ours, filled on first use
@@ -101,7 +117,7 @@ def _staged_copy_of(t: Any, inputs: list[Any], staged: list[Any]) -> Any:
 
 
 class DeviceOps:
-    """The CUDA side of one `Communicator`."""
+    """The device side of one `Communicator`."""
 
     def __init__(self, comm: Communicator, backend: str, host: str) -> None:
         if backend not in BACKENDS:
@@ -110,8 +126,10 @@ class DeviceOps:
         self.backend = backend
         self.host = host
         self.pinned = pinned_pool()
-        self._lanes: dict[int, TorchLane | LaneUnavailable] = {}
-        self.open_lanes: dict[int, TorchLane] = {}  # the usable ones, for the per-op fast path
+        self._lanes: dict[tuple[str, int], TorchLane | LaneUnavailable] = {}  # by (device type, priority)
+        self.open_lanes: dict[int, TorchLane] = {}  # the usable CUDA ones by priority, for the per-op fast path
+        self.device_lanes: dict[tuple[str, int], TorchLane] = {}  # every usable one, by (device type, priority)
+        self._routes: dict[str, str | None] = {}  # device type -> vendor lane name (None: host)
         self._streams: dict[tuple[Any, int], Any] = {}
         self._check = self._make_watchdog()
 
@@ -124,38 +142,82 @@ class DeviceOps:
         return stream
 
     # -- choosing the path ---------------------------------------------------------------
-    async def lane(self, dev: Any, priority: int) -> TorchLane | None:
-        """This group's NCCL lane at `priority`, opened on first use; None: stage through the host."""
-        if self.backend == "host" or (self.comm.world_size == 1 and self.backend == "auto"):
+    def route(self, dev: Any) -> str | None:
+        """The vendor lane ("nccl", "hccl", "cncl") tensors on `dev` take in this group, or None
+        (host staging); raises UnsupportedBuffer where this group's backend cannot move them."""
+        kind = dev.type
+        if kind in self._routes:
+            return self._routes[kind]
+        name = vendor.lane_name(kind, self.backend, dev)
+        self._routes[kind] = name
+        return name
+
+    def ready(self, dev: Any, priority: int) -> TorchLane | None:
+        """The lane already open for tensors on `dev` at `priority`, or None (p2p never opens one)."""
+        self.route(dev)
+        return self.device_lanes.get((dev.type, priority))
+
+    async def lane(self, dev: Any, priority: int, op: str = "") -> TorchLane | None:
+        """This group's lane for tensors on `dev` at `priority`, opened on first use; None: stage
+        CUDA tensors through the host. Tensors of other devices get a lane or an error."""
+        kind = dev.type
+        name = self.route(dev)
+        if op not in NCCL_OPS or name is None:
+            if kind == "cuda":
+                return None  # staged
+            raise UnsupportedBuffer(f"{op!r} on a tensor on {dev}: the {vendor.label(name or '')} lane reduces only "
+                                    f"sum, prod, min, max and avg, and {kind} tensors have no host staging; "
+                                    "reduce a host copy (t.cpu()) instead")
+        if kind == "cuda" and self.comm.world_size == 1 and self.backend == "auto":
             return None  # one rank has nothing to exchange (unless NCCL was asked for by name)
-        got = self._lanes.get(priority)
+        key = (kind, priority)
+        got = self._lanes.get(key)
         if got is None:
             try:
-                got = await open_lane(self.comm, "nccl", dev, priority, self.host)
+                got = await open_lane(self.comm, name, dev, priority, self.host)
             except LaneUnavailable as e:
-                if self.backend == "nccl":
+                if kind != "cuda":
+                    raise self._no_lane(dev, name, e) from e
+                if self.backend in ("nccl", "rccl"):
                     raise
                 got = e
-            self._lanes[priority] = got
+            self._lanes[key] = got
             if isinstance(got, TorchLane):
-                self.open_lanes[priority] = got
-        return got if isinstance(got, TorchLane) else None
+                self.device_lanes[key] = got
+                if kind == "cuda":
+                    self.open_lanes[priority] = got
+        if isinstance(got, TorchLane):
+            return got
+        if kind != "cuda":
+            raise self._no_lane(dev, name, got)
+        return None
+
+    def _no_lane(self, dev: Any, name: str, e: LaneUnavailable) -> BackendUnavailable:
+        label = vendor.label(name)
+        return BackendUnavailable(f"a tensor on {dev} needs the {label} lane ({vendor.VENDORS[label].hardware}), "
+                                  f"which group {self.comm.group_id!r} cannot open: {e}")
 
     def path(self, priority: int = 0) -> str:
-        """"nccl", "host staging" or "undecided" (no CUDA op yet) for `priority`."""
-        got = self._lanes.get(priority)
+        """"nccl" (or the vendor lane's name), "host staging" or "undecided" (no device op yet) for `priority`."""
+        got = self._lanes.get(("cuda", priority))
         if got is None:
+            for (_, p), lane in self.device_lanes.items():
+                if p == priority:
+                    return lane.backend
             if self.backend == "host" or (self.comm.world_size == 1 and self.backend == "auto"):
                 return "host staging"
             return "undecided"
-        return "nccl" if isinstance(got, TorchLane) else f"host staging ({got})"
+        return got.backend if isinstance(got, TorchLane) else f"host staging ({got})"
 
     def drop_lane(self, lane: TorchLane) -> None:
         lane.abort()
+        key = (lane.device_type, lane.priority)
+        if self.device_lanes.get(key) is lane:
+            del self.device_lanes[key]
         if self.open_lanes.get(lane.priority) is lane:
             del self.open_lanes[lane.priority]
-        if self._lanes.get(lane.priority) is lane:
-            self._lanes[lane.priority] = LaneUnavailable("the lane was aborted after a failure")
+        if self._lanes.get(key) is lane:
+            self._lanes[key] = LaneUnavailable("the lane was aborted after a failure")
 
     # -- running on a lane ---------------------------------------------------------------
     def _make_watchdog(self) -> Callable[[], None]:
@@ -176,9 +238,9 @@ class DeviceOps:
     async def await_work(self, lane: TorchLane, work: Any, key: str) -> None:
         """Wait for `work` from the loop; on any failure or cancellation abort the lane."""
         try:
-            if lane.backend == "nccl":
-                # NCCL's wait() would cost ~30 us of host time per op; its errors reach us
-                # through its watchdog, lost peers through `check`
+            if lane.polled:
+                # NCCL's wait() would cost ~30 us of host time per op (and only orders streams);
+                # its errors reach us through its watchdog, lost peers through `check`
                 await device.poll_until(work.is_completed, key=key, check=self._check)
             else:
                 await self._wait_in_thread(work)
@@ -207,6 +269,17 @@ class DeviceOps:
                     done.set()
 
     # -- host staging --------------------------------------------------------------------
+    async def staged_p2p(self, kind: str, t: Any, move: Callable[[Any], Awaitable[None]]) -> None:
+        """A send or receive of a non-CUDA device tensor (npu, mlu) before its lane is open:
+        `move(host_tensor)` sends or receives a host copy, copied back to `t` for a receive."""
+        if kind == "send":
+            await move(t.to("cpu"))  # waits for the device's queued work on `t`
+            return
+        torch = sys.modules["torch"]
+        h = torch.empty(t.shape, dtype=t.dtype)
+        await move(h)
+        t.copy_(h)
+
     async def staged(self, inputs: list[Any], outputs: list[Any], priority: int,
                      host_op: Callable[[list[Any], list[Any]], Awaitable[None]]) -> None:
         """Copy CUDA `inputs` to pinned host tensors, run `host_op(host_inputs, host_outputs)`,

@@ -85,6 +85,14 @@ class UnsupportedBuffer(CommError, TypeError):
     """A buffer's type, dtype, device or layout is not supported for this op."""
 
 
+class BackendUnavailable(CommError):
+    """A device backend (NCCL, RCCL, HCCL, CNCL) cannot be used here; the message says what to install.
+
+    Raised for a backend asked for by name whose vendor package is missing, and for
+    tensors of a device whose lane cannot open (naming the device and the backend).
+    """
+
+
 class MessageMismatch(CommError, ValueError):
     """A point-to-point message does not fit the buffer posted to receive it.
 
@@ -128,6 +136,7 @@ def unwrap_group_errors() -> Iterator[None]:
 
 
 __all__ = [
+    "BackendUnavailable",
     "CollectiveAborted",
     "CollectiveMismatch",
     "CommClosed",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 from .buffers import Buffer, DeviceBytes, as_buffer, check_op, empty_like, view_elements
 from .collectives import direct, doubling, ring, select, tree
 from .collectives.context import OpContext
-from .device_ops import NCCL_OPS, DeviceOps, DeviceTensor, is_cuda, priority_level
+from .device_ops import NCCL_OPS, DeviceOps, DeviceTensor, is_cuda, on_device_path, priority_level
 from .errors import (
     CollectiveMismatch,
     CommClosed,
@@ -36,8 +36,12 @@ from .scheduler import device
 from .scheduler.engine import Engine
 from .scheduler.ordering import GroupState, aborted
 from .stats import OpRecord, Stats
+from .topology.cost import CostModel, default_model, link_class
 from .transports.nccl import TorchLane
 from .wire import Fingerprint
+
+if TYPE_CHECKING:
+    from .topology.cluster import ClusterView
 
 T = TypeVar("T")
 
@@ -66,7 +70,9 @@ class Communicator:
         links = self.peer_transports()
         self.transport = transport or "+".join(sorted({str(v["transport"]) for v in links.values()})) or "self"
         self.stats.links = links
+        self._cost_model: CostModel | None = default_model(self.link_classes(), chunk_bytes=chunk_bytes)
         self.before_op: Callable[[str], None] | None = None  # fault injection (sagellm_comm.testing)
+        self.topology: ClusterView | None = None  # every member's host, gathered at init_process_group
         engine.register_group(group)
 
     # -- identity ------------------------------------------------------------------------
@@ -86,6 +92,22 @@ class Communicator:
     def global_ranks(self) -> list[int]:
         """The world ranks of this group's members, in group-rank order."""
         return list(self._group.members)
+
+    @property
+    def cost_model(self) -> CostModel | None:
+        """What picks each collective's algorithm: predicted times (`topology.cost`), or None for the
+        fixed size rules. Default: the built-in model of this group's link classes. Assign
+        `topology.cost.cost_model_for(...)` (the same on every rank!) to use calibrations; the model is
+        rebound to this communicator's chunk size."""
+        return self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, model: CostModel | None) -> None:
+        self._cost_model = None if model is None else model.with_chunk_bytes(self._chunk_bytes)
+
+    def link_classes(self) -> list[str]:
+        """The cost class of the link to each other member (`topology.cost.link_class`), in group-rank order."""
+        return [link_class(str(v["transport"]), str(v.get("link", ""))) for v in self.peer_transports().values()]
 
     def peer_transports(self) -> dict[int, dict[str, str | int]]:
         """For each other member (by group rank): its world rank, the transport to it, and why."""
@@ -111,11 +133,11 @@ class Communicator:
         "normal" and "low" work), "normal" or "low".
         """
         level = priority_level(priority)
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             check_op(op, dt.dtype)
             ops = self._device
-            lane = ops.open_lanes.get(level) if ops is not None and op in NCCL_OPS else None
+            lane = ops.open_lanes.get(level) if ops is not None and op in NCCL_OPS and is_cuda(tensor) else None
             if lane is not None:  # a decode loop's case, once the lane is open: straight to it
                 await self._lane_collective("all_reduce", dt, lane, lambda ln: ln.all_reduce(tensor, op),
                                             timeout, -1, op)
@@ -126,7 +148,7 @@ class Communicator:
             return tensor
         buf = as_buffer(tensor)
         check_op(op, buf.dtype)
-        algo, why = select.all_reduce(buf.nbytes, self.world_size)
+        algo, why, pred = select.all_reduce(buf.nbytes, self.world_size, self._cost_model)
 
         async def body(ctx: OpContext) -> None:
             if algo == "ring":
@@ -134,7 +156,8 @@ class Communicator:
             else:
                 await doubling.all_reduce(ctx, buf, op)
 
-        await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout, priority=level)
+        await self._collective("all_reduce", buf, body, algo, why, op=op, timeout=timeout, priority=level,
+                               predicted=pred)
         return tensor
 
     async def all_gather(self, tensor: T, *, out: T | None = None, timeout: float | None = None,
@@ -144,7 +167,7 @@ class Communicator:
         Pass `out` (same library and dtype, that shape) to receive into memory you reuse.
         """
         level = priority_level(priority)
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             res = _device_output(out, dt, (self.world_size, *dt.shape))
             return await self._device_out_of_place(  # type: ignore[no-any-return]
@@ -153,12 +176,12 @@ class Communicator:
         buf = as_buffer(tensor, writable=False)
         result = _output(out, buf, (self.world_size, *buf.shape))
         result.raw[self.rank * buf.nbytes : (self.rank + 1) * buf.nbytes] = buf.raw
-        algo, why = select.all_gather(result.nbytes, self.world_size)
+        algo, why, pred = select.all_gather(result.nbytes, self.world_size, self._cost_model)
 
         async def body(ctx: OpContext) -> None:
             await (ring.all_gather(ctx, result) if algo == "ring" else direct.all_gather(ctx, result))
 
-        await self._collective("all_gather", buf, body, algo, why, timeout=timeout, priority=level)
+        await self._collective("all_gather", buf, body, algo, why, timeout=timeout, priority=level, predicted=pred)
         return result.obj  # type: ignore[no-any-return]
 
     async def reduce_scatter(self, tensor: T, op: str = "sum", *, out: T | None = None,
@@ -169,7 +192,7 @@ class Communicator:
         """
         level = priority_level(priority)
         n = self.world_size
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             check_op(op, dt.dtype)
             _check_split("reduce_scatter", dt.shape, n)
@@ -183,7 +206,7 @@ class Communicator:
         _check_split("reduce_scatter", buf.shape, n)
         rows = buf.shape[0] // n
         result = _output(out, buf, (rows, *buf.shape[1:]))
-        algo, why = select.reduce_scatter(buf.nbytes, n)
+        algo, why, pred = select.reduce_scatter(buf.nbytes, n, self._cost_model)
 
         async def body(ctx: OpContext) -> None:
             if algo == "ring":
@@ -197,7 +220,8 @@ class Communicator:
 
         if n == 1:
             result.raw[:] = buf.raw
-        await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout, priority=level)
+        await self._collective("reduce_scatter", buf, body, algo, why, op=op, timeout=timeout, priority=level,
+                               predicted=pred)
         return result.obj  # type: ignore[no-any-return]
 
     async def broadcast(self, tensor: T, root: int = 0, *, timeout: float | None = None,
@@ -205,16 +229,16 @@ class Communicator:
         """Copy root's `tensor` into every rank's `tensor`, in place; returns `tensor`."""
         level = priority_level(priority)
         self._check_rank(root, "root")
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             await self._on_device("broadcast", dt, lambda lane: lane.broadcast(tensor, root),
                                   lambda h, o: self.broadcast(h[0], root, timeout=timeout, priority=priority),
                                   [tensor], [tensor], level, timeout, root=root)
             return tensor
         buf = as_buffer(tensor)
-        algo, why = select.broadcast(buf.nbytes, self.world_size)
+        algo, why, pred = select.broadcast(buf.nbytes, self.world_size, self._cost_model)
         await self._collective("broadcast", buf, lambda ctx: tree.broadcast(ctx, buf, root),
-                               algo, why, root=root, timeout=timeout, priority=level)
+                               algo, why, root=root, timeout=timeout, priority=level, predicted=pred)
         return tensor
 
     async def all_to_all(self, tensor: T, *, out: T | None = None, timeout: float | None = None,
@@ -226,7 +250,7 @@ class Communicator:
         """
         level = priority_level(priority)
         n = self.world_size
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             _check_split("all_to_all", dt.shape, n)
             res = _device_output(out, dt, dt.shape)
@@ -238,16 +262,16 @@ class Communicator:
         result = _output(out, buf, buf.shape)
         if n == 1:
             result.raw[:] = buf.raw
-        algo, why = select.all_to_all(buf.nbytes, n)
+        algo, why, pred = select.all_to_all(buf.nbytes, n, self._cost_model)
         await self._collective("all_to_all", buf, lambda ctx: direct.all_to_all(ctx, buf, result),
-                               algo, why, timeout=timeout, priority=level)
+                               algo, why, timeout=timeout, priority=level, predicted=pred)
         return result.obj  # type: ignore[no-any-return]
 
     async def barrier(self, *, timeout: float | None = None, priority: str = "normal") -> None:
         """Return once every rank of the group has entered the barrier."""
-        algo, why = select.barrier(self.world_size)
+        algo, why, pred = select.barrier(self.world_size, self._cost_model)
         await self._collective("barrier", None, direct.barrier, algo, why, timeout=timeout,
-                               priority=priority_level(priority))
+                               priority=priority_level(priority), predicted=pred)
 
     # -- point to point ----------------------------------------------------------------------
     async def send(self, tensor: Any, dst: int, tag: int = 0, *, timeout: float | None = None,
@@ -259,7 +283,7 @@ class Communicator:
         """
         level = priority_level(priority)
         self._check_p2p(dst, tag, "dst", "send")
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             await self._p2p_on_device("send", dt, dst, tag, timeout, level)
             return
@@ -288,7 +312,7 @@ class Communicator:
         """
         level = priority_level(priority)
         self._check_p2p(src, tag, "src", "recv")
-        if is_cuda(tensor):
+        if on_device_path(tensor, self._backend):
             dt = DeviceTensor(tensor)
             await self._p2p_on_device("recv", dt, src, tag, timeout, level)
             return tensor
@@ -304,7 +328,7 @@ class Communicator:
             with self._deadline(timeout, f"recv from rank {src} (tag {tag})"):
                 await posted.wait()
         except BaseException as e:
-            self._engine.cancel(posted)
+            self._engine.withdraw(posted)  # its message, even one that landed just now, stays for the next recv
             self._done(rec, e)
             raise
         self._done(rec, None)
@@ -358,8 +382,19 @@ class Communicator:
             return None
         gid = f"{self.group_id}/{','.join(map(str, ranks))}#{nth}"
         g = GroupState(gid, [self._group.members[r] for r in ranks], ranks.index(self.rank))
-        return Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
-                            backend=self._backend)
+        sub = Communicator(self._engine, g, timeout=self._timeout, chunk_bytes=self._chunk_bytes,
+                           backend=self._backend)
+        if self.topology is not None:
+            sub.topology = self.topology.subset(ranks)
+        if self._cost_model is None:
+            sub.cost_model = None  # the fixed rules, as here
+        elif sub.topology is not None:
+            # the gathered links and calibrations of exactly these members: the same model on every one of
+            # them, even where their own links differ (two ranks on one host, a third elsewhere)
+            sub.cost_model = sub.topology.cost_model(self._chunk_bytes)
+        else:  # a simulated world: every link is of one class, so each member's own view agrees
+            sub.cost_model = self._cost_model.for_links(sub.link_classes())
+        return sub
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -412,8 +447,9 @@ class Communicator:
         limit = timeout if timeout is not None else self._timeout
         return _Deadline(limit, f"{what} on rank {self.rank} of group {self.group_id!r}")
 
-    def _record(self, op: str, nbytes: int, algo: str, why: str, seq: int = -1) -> OpRecord:
-        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, time.perf_counter())
+    def _record(self, op: str, nbytes: int, algo: str, why: str, seq: int = -1, predicted: float = 0.0) -> OpRecord:
+        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, time.perf_counter(),
+                        predicted=predicted)
 
     def _done(self, rec: OpRecord, error: BaseException | None) -> None:
         rec.finished = time.perf_counter()
@@ -424,11 +460,11 @@ class Communicator:
     async def _collective(self, kind: str, buf: Buffer | DeviceTensor | None,
                           body: Callable[[OpContext], Awaitable[None]],
                           algo: str, why: str, *, root: int = -1, op: str = "",
-                          timeout: float | None, priority: int = 0) -> None:
+                          timeout: float | None, priority: int = 0, predicted: float = 0.0) -> None:
         self._check_open(kind)
         g = self._group
         fp = g.begin(kind, buf.dtype.name if buf else "", buf.shape if buf else (), root, op)
-        rec = self._record(kind, buf.nbytes if buf else 0, algo, why, fp.seq)
+        rec = self._record(kind, buf.nbytes if buf else 0, algo, why, fp.seq, predicted)
         ctx = OpContext(self._engine, g, fp, self._chunk_bytes, priority=priority)
         limit = timeout if timeout is not None else self._timeout
         try:
@@ -474,14 +510,14 @@ class Communicator:
         self._check_open(kind)
         g = self._group
         fp = g.begin(kind, dt.dtype.name, dt.shape, root, op)
-        rec = OpRecord(kind, g.group_id, fp.seq, dt.nbytes, "nccl", "nccl lane: every rank has its own GPU",
-                       self.transport, time.perf_counter())
+        rec = OpRecord(kind, g.group_id, fp.seq, dt.nbytes, lane.backend, lane.reason, lane.backend,
+                       time.perf_counter())
         limit = timeout if timeout is not None else self._timeout
         ops = self._device
         assert ops is not None
         try:
             work = issue(lane)
-            if lane.backend == "nccl" and work.is_completed():
+            if lane.polled and work.is_completed():
                 pass  # done before we could wait (one rank, tiny ops): no trip through the wait
             elif limit is None:
                 await ops.await_work(lane, work, kind)
@@ -503,11 +539,12 @@ class Communicator:
                          host_op: Callable[[list[Any], list[Any]], Awaitable[Any]],
                          inputs: list[Any], outputs: list[Any], priority: int,
                          timeout: float | None, *, root: int = -1, op: str = "") -> None:
-        """Run a collective on CUDA tensors: on the NCCL lane, or staged through `host_op`."""
+        """Run a collective on device tensors: on the device's lane, or (CUDA) staged through `host_op`."""
         ops = self._device_ops()
-        lane = ops.open_lanes.get(priority) if op in NCCL_OPS else None
-        if lane is None and op in NCCL_OPS:
-            lane = await ops.lane(dt.obj.device, priority)
+        dev = dt.obj.device
+        lane = ops.device_lanes.get((dev.type, priority)) if op in NCCL_OPS else None
+        if lane is None:
+            lane = await ops.lane(dev, priority, op)
         if lane is not None:
             await self._lane_collective(kind, dt, lane, issue, timeout, root, op)
             return
@@ -538,7 +575,14 @@ class Communicator:
         buffers piece by piece. The bytes on the wire are those of a host tensor, so
         the other side may pass one."""
         ops = self._device_ops()
-        lane = ops.open_lanes.get(priority)
+        lane = ops.ready(dt.obj.device, priority)
+        if lane is None and not dt.obj.is_cuda:  # npu, mlu: through a host copy until a collective opens the lane
+            fp = Fingerprint(-1, "p2p", dt.dtype.name, dt.shape)
+            await ops.staged_p2p(kind, dt.obj, lambda h: (
+                self._send_bytes(as_buffer(h, writable=False).raw, fp, peer, tag, timeout, priority,
+                                 algo="staged through host memory") if kind == "send"
+                else self._recv_bytes(as_buffer(h).raw, fp, peer, tag, timeout, algo="staged through host memory")))
+            return
         if lane is None:
             torch = sys.modules["torch"]
             stream = ops.stream(dt.obj.device, priority)
@@ -554,14 +598,15 @@ class Communicator:
                                        algo="device copy from shm" if dma else "staged through pinned buffers")
                 await device.wait_stream(stream)  # the last pieces' copies to the device
             return
-        rec = self._record(kind, dt.nbytes, "nccl", "nccl lane: point to point")
+        rec = self._record(kind, dt.nbytes, lane.backend, f"{lane.backend} lane: point to point")
+        rec.transport = lane.backend
         try:
             with self._deadline(timeout, f"{kind} {'to' if kind == 'send' else 'from'} rank {peer} (tag {tag})"):
                 work = lane.send(dt.obj, peer, tag) if kind == "send" else lane.recv(dt.obj, peer, tag)
                 await ops.await_work(lane, work, kind)
         except BaseException as e:
             # NCCL cannot withdraw a half-matched send or receive: the lane is gone, and so is the group
-            err = e if isinstance(e, CommError) else CommError(f"{kind} on the nccl lane was cancelled")
+            err = e if isinstance(e, CommError) else CommError(f"{kind} on the {lane.backend} lane was cancelled")
             self._engine.fail_group(self._group, err, notify=True)
             self._done(rec, e)
             raise
@@ -596,11 +641,11 @@ def _check_split(kind: str, shape: tuple[int, ...], n: int) -> None:
 
 
 def _device_output(given: Any, like: DeviceTensor, shape: tuple[int, ...]) -> Any:
-    """The caller's CUDA `out` tensor, checked; or a new one on the input's device."""
+    """The caller's device `out` tensor, checked; or a new one on the input's device."""
     t = like.obj
     if given is None:
         return t.new_empty(shape)
-    if (not is_cuda(given) or given.device != t.device or given.dtype != t.dtype
+    if (not isinstance(given, sys.modules["torch"].Tensor) or given.device != t.device or given.dtype != t.dtype
             or tuple(given.shape) != shape or not given.is_contiguous()):
         raise InvalidArgument(f"out must be a contiguous torch.Tensor on {t.device} of dtype "
                               f"{like.dtype.name} and shape {shape}, got {type(given).__name__} "

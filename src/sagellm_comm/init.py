@@ -12,19 +12,21 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, urlparse
 
 import anyio
 import anyio.abc
 
-from . import handshake, rendezvous, security, wire
+from . import handshake, rendezvous, security, topology, wire
 from .errors import AuthError, CommError, CommTimeout, InvalidArgument, unwrap_group_errors
 from .group import DEFAULT_CHUNK_BYTES, Communicator
 from .scheduler.engine import Engine, EngineConfig
 from .scheduler.ordering import GroupState
-from .transports import choice, get_transport
+from .topology import Topology, calibrate, cluster
+from .transports import choice, get_transport, vendor
 from .transports.base import Connection, Listener
 from .transports.shm import connect_shm
 from .transports.tcp import bind_listener, connect_tcp, parse_host_port
@@ -113,13 +115,18 @@ async def init_process_group(
     heartbeat_timeout is lost.
     transport: ``auto`` (default; SAGELLM_COMM_TRANSPORT): shared memory to peers on this
     host, TCP to others; or ``tcp``, ``shm``, ``ucx`` for every peer.
-    backend: how CUDA tensors travel (SAGELLM_COMM_BACKEND): ``auto`` (NCCL where every
-    rank of a group has its own GPU, else staged through pinned host memory over the
-    transports above), ``nccl`` (NCCL or an error) or ``host`` (always staged).
+    backend: how device tensors travel (SAGELLM_COMM_BACKEND; `sagellm_comm.backend_for`
+    says, for a tensor or device type, without creating anything): ``auto`` (each
+    tensor's device picks: CUDA tensors take NCCL, RCCL on ROCm, where every rank of a
+    group has its own GPU, else are staged through pinned host memory over the
+    transports above; Ascend ``npu`` tensors take HCCL (torch_npu), Cambricon ``mlu``
+    tensors CNCL (torch_mlu); CPU tensors the transports above), ``nccl`` or ``rccl``
+    (CUDA tensors take that lane or raise), ``hccl`` or ``cncl`` (its package must be
+    installed: BackendUnavailable saying what to install, here), or ``host`` (CUDA
+    tensors always staged). Tensors of a device the chosen backend does not move raise
+    UnsupportedBuffer.
     """
-    backend = os.environ.get("SAGELLM_COMM_BACKEND", backend) if backend == "auto" else backend
-    if backend not in ("auto", "nccl", "host"):
-        raise InvalidArgument(f"backend must be auto, nccl or host, got {backend!r}")
+    backend = vendor.resolve(backend)
     host, port, r, n = resolve(url, rank, world_size)
     secret = token if token is not None else os.environ.get(security.TOKEN_ENV, "")
     config = EngineConfig(
@@ -130,6 +137,7 @@ async def init_process_group(
         config.frame_bytes = frame_bytes
     deadline = anyio.current_time() + (timeout if timeout is not None else DEFAULT_INIT_TIMEOUT)
 
+    local_view = _discover_in_background()  # overlaps with the rendezvous and the mesh
     master_ip = _resolve_host(host)
     listen_host = master_ip if r == 0 else _local_ip_towards(master_ip)
     security.check_listen_address(listen_host, secret, r)
@@ -167,11 +175,43 @@ async def init_process_group(
         comm = Communicator(engine, GroupState("world", list(range(n)), r), timeout=timeout,
                             chunk_bytes=chunk_bytes, owns_engine=True, backend=backend)
         try:
+            comm.topology = await _gather_topology(comm, local_view)
             yield comm
         finally:
             with anyio.CancelScope(shield=True):
                 await comm.aclose()
             tg.cancel_scope.cancel()
+
+
+def _discover_in_background() -> Callable[[], Topology]:
+    """Start this host's topology discovery in a thread; the returned call waits for it."""
+    found: list[Topology] = []
+
+    def work() -> None:
+        found.append(topology.discover())
+
+    thread = threading.Thread(target=work, name="sagellm-comm-topology", daemon=True)
+    thread.start()
+
+    def result() -> Topology:
+        thread.join()
+        return found[0]
+    return result
+
+
+async def _gather_topology(comm: Communicator, local_view: Callable[[], Topology]) -> cluster.ClusterView:
+    """Every rank's host view, gathered once, on a group of its own (the world's op sequence
+    and stats start clean for the caller); and from it the world's cost model."""
+    mine = await anyio.to_thread.run_sync(local_view)
+    everyone = comm.split(list(range(comm.world_size)))
+    assert everyone is not None
+    everyone.cost_model = None  # before the gather the ranks' models may differ: the fixed rules agree
+    try:
+        view = await cluster.gather(everyone, mine, calibrate.load())
+    finally:
+        await everyone.aclose()
+    comm.cost_model = view.cost_model(DEFAULT_CHUNK_BYTES)  # rebound to the comm's chunk size; same on every rank
+    return view
 
 
 def _resolve_host(host: str) -> str:
@@ -249,7 +289,7 @@ async def _connect_mesh(listeners: dict[str, Listener], mode: str, table: rendez
                 return
             expected.discard(hello.rank)  # before the next await: a second claim to this rank is refused
             try:
-                await conn.send_frame(wire.encode(wire.Welcome(rank)))
+                await conn.send_frame(wire.encode(wire.make_welcome(token, hello, rank)))
             except CommError:
                 expected.add(hello.rank)
                 conn.abort()

@@ -1,5 +1,10 @@
 """Per-op records and counters: what ran, with which algorithm and why, and how long.
 
+A collective's record holds the algorithm, the reason the selector gave (the
+cost model's constants and every candidate's prediction, or the size rule),
+the predicted seconds and, once it ends, the measured ones (`seconds`): so a
+choice can be explained, and checked against what it cost.
+
 Records keep `time.perf_counter()` times (monotonic, sub-microsecond) so durations
 are exact; `to_dict` gives plain data for JSON, logs or a metrics scraper.
 """
@@ -24,9 +29,11 @@ class OpRecord:
     finished: float = 0.0
     ok: bool = False
     error: str = ""
+    predicted: float = 0.0  # seconds the cost model predicted for `algorithm` (0: no prediction)
 
     @property
     def seconds(self) -> float:
+        """The measured time of the op on this rank."""
         return self.finished - self.started
 
 

@@ -12,8 +12,11 @@ polling the work's completion from the event loop, which also watches our
 heartbeats: a peer lost mid-op aborts the lane and raises `PeerLost` on every
 survivor instead of a hang inside NCCL.
 
-The same class runs torch's gloo backend on CPU tensors; the tests use that to
-check the bootstrap and the op mapping on machines without a GPU.
+The same bootstrap makes vendor lanes (`transports.vendor`): RCCL is torch's nccl
+backend on ROCm; HCCL (torch_npu) and CNCL (torch_mlu) come from torch's third-party
+backend registry. The same class runs torch's gloo backend on CPU tensors; the
+tests use that to check the bootstrap and the op mapping on machines without a
+GPU, and fake vendor packages whose registered process groups are gloo.
 """
 
 from __future__ import annotations
@@ -21,21 +24,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CommError, InvalidArgument
+from ..errors import BackendUnavailable, InvalidArgument
+from . import vendor
 
 if TYPE_CHECKING:
     from ..group import Communicator
 
 log = logging.getLogger("sagellm_comm.nccl")
 
-INFO_BYTES = 512  # one rank's lane description, padded, in the bootstrap all_gather
+INFO_BYTES = 1024  # one rank's lane description, padded, in the bootstrap all_gather
+WHY_CHARS = 600  # of it, at most this much of why a rank cannot use the backend
 STORE_TIMEOUT = timedelta(seconds=60)
+VENDOR_TIMEOUT = timedelta(minutes=30)  # a vendor process group's own op timeout (torch's default); ours is shorter
 
 
 def _torch() -> Any:
@@ -46,15 +53,24 @@ def _torch() -> Any:
 
 
 def backend_available(backend: str) -> bool:
+    return unavailable_reason(backend) is None
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why this process cannot use `backend` (nccl, rccl, hccl, cncl, gloo), or None."""
+    if backend in ("hccl", "cncl", "rccl"):
+        return vendor.problem(backend)
     try:
         dist = _torch().distributed
     except ImportError:
-        return False
+        return "torch is not installed"
     if not dist.is_available():
-        return False
+        return "torch.distributed is not available"
     if backend == "nccl":
-        return bool(dist.is_nccl_available()) and bool(_torch().cuda.is_available())
-    return bool(dist.is_gloo_available())
+        if not dist.is_nccl_available():
+            return "this torch has no NCCL"
+        return None if _torch().cuda.is_available() else "torch sees no GPU"
+    return None if dist.is_gloo_available() else "this torch has no gloo"
 
 
 _REDUCE_OPS: dict[str, Any] = {}
@@ -69,15 +85,27 @@ def reduce_op(op: str) -> Any:
     return _REDUCE_OPS.get(op)
 
 
-class LaneUnavailable(CommError):
-    """This group cannot use the backend (says why); callers fall back to host staging."""
+class LaneUnavailable(BackendUnavailable):
+    """This group cannot use the backend (says why); CUDA tensors fall back to host staging."""
 
 
 class TorchLane:
-    """One torch process group (NCCL, or gloo in tests) for one of our groups and priority."""
+    """One torch process group (NCCL, RCCL, HCCL, CNCL, or gloo in tests) for one of our groups and priority.
 
-    def __init__(self, backend: str, pg: Any, store: Any, rank: int, size: int, priority: int) -> None:
+    `backend` is our name for it (what op records show), `device_type` the tensors it
+    moves, `reason` the record's reason. `polled`: its works are awaited by polling
+    `is_completed()` from the loop (device backends, whose `wait()` only orders streams);
+    otherwise (gloo, whose send, recv and reduce_scatter progress only inside `wait()`)
+    by `wait()` in a thread.
+    """
+
+    def __init__(self, backend: str, pg: Any, store: Any, rank: int, size: int, priority: int,
+                 device_type: str = "cuda", reason: str = "") -> None:
         self.backend = backend
+        self.device_type = device_type
+        self.reason = reason or f"{backend} lane"
+        gloo = getattr(_torch().distributed, "ProcessGroupGloo", None)
+        self.polled = gloo is None or not isinstance(pg, gloo)
         self.pg = pg
         self.store = store  # rank 0 serves it; it must outlive the process group
         self.rank = rank
@@ -140,8 +168,12 @@ class TorchLane:
 
 def _gpu_identity(device: Any) -> str:
     torch = _torch()
-    if device.type != "cuda":
+    if device.type == "cpu":
         return f"cpu:{os.getpid()}:{id(device)}"  # gloo lanes (tests): no device to share
+    if device.type != "cuda":  # npu, mlu: the host, which of its devices this process sees, and the index
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES" if device.type == "npu" else "MLU_VISIBLE_DEVICES", "*")
+        index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+        return f"{socket.gethostname()}:{device.type}:{visible}:{index}"
     props = torch.cuda.get_device_properties(device)
     uuid = getattr(props, "uuid", None)
     return str(uuid) if uuid is not None else f"{props.pci_bus_id if hasattr(props, 'pci_bus_id') else ''}:{device}"
@@ -150,11 +182,14 @@ def _gpu_identity(device: Any) -> str:
 async def open_lane(comm: Communicator, backend: str, device: Any, priority: int, host: str) -> TorchLane:
     """Create the lane for `comm` on every member (a collective: all ranks must call it).
 
-    Raises LaneUnavailable, on every rank alike, when some rank lacks the backend or
-    two ranks share a GPU.
+    `backend`: nccl (labelled rccl on ROCm), rccl, hccl, cncl or gloo. Raises
+    LaneUnavailable, on every rank alike, when some rank lacks the backend or two
+    ranks share a device.
     """
     torch = _torch()
+    name = vendor.label(backend) if backend in vendor.VENDORS else backend
     usable = backend_available(backend)
+    why_not = "" if usable else unavailable_reason(backend) or ""
     store = None
     port = 0
     if usable and comm.rank == 0:
@@ -165,9 +200,13 @@ async def open_lane(comm: Communicator, backend: str, device: Any, priority: int
         except Exception as e:
             log.warning("cannot open a TCPStore on %s for the %s lane: %r", host, backend, e)
             usable = False
-    info = {"ok": usable, "gpu": _gpu_identity(device) if usable else "", "host": host, "port": port}
+    info = {"ok": usable, "gpu": _gpu_identity(device) if usable else "", "host": host, "port": port,
+            "why": why_not[:WHY_CHARS]}
     row = np.zeros(INFO_BYTES, np.uint8)
     enc = json.dumps(info).encode()
+    if len(enc) > INFO_BYTES:  # an odd `why` (escaped characters): shorten it rather than fail
+        info["why"] = why_not[:100]
+        enc = json.dumps(info).encode()
     if len(enc) > INFO_BYTES:
         raise InvalidArgument(f"lane description too long ({len(enc)} bytes)")
     row[: len(enc)] = np.frombuffer(enc, np.uint8)
@@ -175,10 +214,12 @@ async def open_lane(comm: Communicator, backend: str, device: Any, priority: int
     infos = [json.loads(bytes(r).rstrip(b"\0")) for r in table]
     missing = [i for i, x in enumerate(infos) if not x["ok"]]
     if missing:
-        raise LaneUnavailable(f"ranks {missing} of group {comm.group_id!r} cannot use {backend}")
+        whys = sorted({str(infos[i].get("why", "")) for i in missing} - {""})
+        raise LaneUnavailable(f"ranks {missing} of group {comm.group_id!r} cannot use {name}"
+                              + (f": {'; '.join(whys)}" if whys else ""))
     gpus = [x["gpu"] for x in infos]
     if len(set(gpus)) != len(gpus):
-        raise LaneUnavailable(f"ranks of group {comm.group_id!r} share a GPU ({backend} needs one GPU per rank)")
+        raise LaneUnavailable(f"ranks of group {comm.group_id!r} share a GPU ({name} needs one GPU per rank)")
     root = infos[0]
     pg = None
     why = ""
@@ -186,18 +227,33 @@ async def open_lane(comm: Communicator, backend: str, device: Any, priority: int
         if store is None:
             store = torch.distributed.TCPStore(root["host"], root["port"], comm.world_size, False,
                                                timeout=STORE_TIMEOUT)
-        prefix = torch.distributed.PrefixStore(f"sagellm/{comm.group_id}/{priority}", store)
-        if backend == "nccl":
+        pg_name = f"sagellm/{comm.group_id}/{priority}"
+        prefix = torch.distributed.PrefixStore(pg_name, store)
+        if backend in ("nccl", "rccl"):
             opts = torch.distributed.ProcessGroupNCCL.Options()
             opts.is_high_priority_stream = priority > 0
             pg = torch.distributed.ProcessGroupNCCL(prefix, comm.rank, comm.world_size, opts)
+        elif backend in vendor.VENDORS:  # hccl, cncl: the creator their package registered with torch
+            pg = vendor.create_process_group(backend, prefix, comm.rank, comm.world_size, timeout=VENDOR_TIMEOUT,
+                                             group_name=pg_name, global_ranks=comm.global_ranks)
         else:
             pg = torch.distributed.ProcessGroupGloo(prefix, comm.rank, comm.world_size)
     except Exception as e:  # reported to every rank below, so that none waits inside NCCL for us
-        why = f"rank {comm.rank} could not create its {backend} process group: {e!r}"
+        why = f"rank {comm.rank} could not create its {name} process group: {e!r}"
         log.warning("%s", why)
     agreed = np.array([0 if pg is None else 1], np.int32)
     await comm.all_reduce(agreed, op="min")
     if not agreed[0]:
-        raise LaneUnavailable(why or f"a rank of group {comm.group_id!r} could not create its {backend} process group")
-    return TorchLane(backend, pg, store, comm.rank, comm.world_size, priority)
+        raise LaneUnavailable(why or f"a rank of group {comm.group_id!r} could not create its {name} process group")
+    return TorchLane(name, pg, store, comm.rank, comm.world_size, priority, device.type, _reason(name, device.type))
+
+
+def _reason(name: str, device_type: str) -> str:
+    """What an op record on this lane says about why it went there."""
+    if device_type == "cuda":
+        how = " (torch's nccl backend on ROCm)" if name == "rccl" else ""
+        return f"{name} lane{how}: every rank has its own GPU"
+    if name in vendor.VENDORS:
+        v = vendor.VENDORS[name]
+        return f"{name} lane ({v.package}'s process group, {v.hardware}): {device_type} tensors"
+    return f"{name} lane: {device_type} tensors"

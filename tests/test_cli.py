@@ -84,3 +84,29 @@ def test_tiny_transports_bench_writes_json(tmp_path: Path) -> None:
     assert [r["bytes"] for r in doc["all_reduce"]["ours"]["shm"]] == [4, 1 << 20]
     assert doc["p2p"]["shm"][0]["gbps"] > 0 and doc["memcpy_gbps"]["65536"] > 0
     assert "memcpy" in out.stdout
+
+
+def test_topo_tree_json_and_the_model_in_use(tmp_path: Path) -> None:
+    """`topo` shows this host and which cost-model constants its collectives use; --json parses back."""
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+
+    def topo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "topo", *args], capture_output=True, text=True, timeout=120, env=env)
+
+    out = topo()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("host ") and "NUMA" in out.stdout and "discovered in" in out.stdout
+    assert "cost model: built-in constants" in out.stdout
+    as_json = topo("--json")
+    assert as_json.returncode == 0, as_json.stderr
+    from sagellm_comm import topology
+
+    assert topology.from_json(as_json.stdout).host.logical_cpus == os.cpu_count()
+    cal = topo("--calibrate", "--transports", "tcp", "--sizes", "4,64K", "--budget", "0.5")
+    assert cal.returncode == 0, cal.stdout + cal.stderr
+    assert "tcp_loopback" in cal.stdout and "cached at" in cal.stdout
+    assert list((tmp_path / "sagellm-comm").glob("calibration-*.json"))
+    after = topo()
+    assert "cost model: calibrated" in after.stdout and "(tcp_loopback)" in after.stdout

@@ -212,8 +212,24 @@ def _topo(as_json: bool, calibrate: list[str] | None) -> int:
     from . import topology
 
     found = topology.discover()
-    print(topology.to_json(found) if as_json else topology.format_tree(found))
+    if as_json:
+        print(topology.to_json(found))
+        return 0
+    print(topology.format_tree(found))
+    print(_cost_model_line())
     return 0
+
+
+def _cost_model_line() -> str:
+    """Which constants this host's collectives choose algorithms by, so a surprising choice can be traced."""
+    from .topology import calibrate
+
+    doc = calibrate.load()
+    if doc is None:
+        return ("cost model: built-in constants (no calibration cached for this host; "
+                "`sagellm-comm topo --calibrate` measures its links)")
+    links = ", ".join(sorted(doc["fit"].get("links", {})))
+    return f"cost model: calibrated {doc.get('date', '?')} ({links}) from {calibrate.cache_path()}"
 
 
 def _version() -> str:

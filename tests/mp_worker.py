@@ -97,6 +97,7 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
                        caught_at=time.time())
         elif name == "skip":
             errors = []
+            messages = []
             first_error_s = None  # from entering the skipped barrier to its error (the callers' time to detect)
             t0 = time.monotonic()
             if r != 1:
@@ -104,6 +105,7 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
                     await comm.barrier(timeout=2)
                 except sc.CommError as e:
                     errors.append(type(e).__name__)
+                    messages.append(str(e))
                     first_error_s = time.monotonic() - t0
             else:
                 await anyio.sleep(6)  # well past the others' 2 s timeout, even on a loaded machine
@@ -111,7 +113,9 @@ async def scenario(name: str, rank: int | None, world: int | None, port: int) ->
                 await comm.all_reduce(np.ones(4, dtype=np.float32), timeout=5)
             except sc.CommError as e:
                 errors.append(type(e).__name__)
-            report(rank=r, errors=errors, seconds=time.monotonic() - t0, first_error_s=first_error_s)
+                messages.append(str(e))
+            report(rank=r, errors=errors, messages=messages, seconds=time.monotonic() - t0,
+                   first_error_s=first_error_s)
         elif name in ("mismatch_shape", "mismatch_kind"):
             t0 = time.monotonic()
             try:

@@ -910,3 +910,34 @@ async def test_bad_arguments_raise_typed_errors_and_leave_the_group_working() ->
     for r, (x, chunk) in enumerate(results):
         np.testing.assert_array_equal(x, total(range(ws)))
         np.testing.assert_array_equal(chunk, avg[2 * r : 2 * r + 2])
+
+
+@pytest.mark.fault("the link goes silent halfway through the payload of a single-frame message being received",
+                   "the receive fails with PeerLost at the heartbeat timeout (it used to wait forever)")
+async def test_peer_lost_mid_payload_of_a_one_frame_message_fails_the_receive(
+        detected: Callable[[float], None]) -> None:
+    """Regression: a message sent as one frame was not tracked while its payload streamed in, so a peer
+    lost in the middle (cut link, heartbeat timeout) left the receive waiting forever."""
+    from sagellm_comm import wire
+    from sagellm_comm.scheduler.engine import Engine, EngineConfig
+    from sagellm_comm.transports.inproc import connection_pair
+
+    n = 1 << 20
+    ours, theirs = connection_pair()
+    engine = Engine(0, 2, {1: ours}, EngineConfig(heartbeat_interval=0.1, heartbeat_timeout=0.5))
+    head = wire.encode(wire.Data(mid=0, offset=0, total=n, group="p2p", seq=-1, tag=7), n)
+    dest = bytearray(n)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            engine.start(tg)
+            recv = engine.post(1, ("p2p", -1, 7), memoryview(dest), None)
+            await theirs._send_parts([memoryview(head), memoryview(b"\x01" * (n // 2))])  # then silence
+            while ours.bytes_received < len(head) + n // 2:
+                await anyio.sleep(0.01)
+            t0 = anyio.current_time()
+            with pytest.raises(sc.PeerLost, match="rank 1 is gone"):
+                await recv.wait()
+            detected(anyio.current_time() - t0)
+            engine.abort()
+            tg.cancel_scope.cancel()
+    assert bytes(dest[: n // 2]) == b"\x01" * (n // 2)  # what arrived before the loss is where it belongs

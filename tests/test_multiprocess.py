@@ -122,15 +122,24 @@ def test_frozen_process_is_lost_within_heartbeat_bound(backend: str, transport: 
 
 
 @pytest.mark.fault("one rank skips a barrier the other two call with timeout=2 s, 3 processes (auto: shm)",
-                   "CommTimeout on both callers, then CollectiveAborted on every rank's next collective, "
-                   "the skipper's included")
+                   "CommTimeout on the callers (a caller whose peer's timeout notice lands in the last moments "
+                   "of its own wait gets CollectiveAborted saying that peer timed out), then CollectiveAborted on "
+                   "every rank's next collective, the skipper's included")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_collective_times_out_and_breaks_the_group(backend: str, detected: Callable[[float], None]) -> None:
     with Ranks("skip", 3, backend) as ranks:
         results = ranks.results(timeout=60)
+    firsts = []
     for r in (0, 2):
-        assert results[r]["errors"][0] == "CommTimeout", results[r]  # type: ignore[index]
-        assert results[r]["errors"][1] == "CollectiveAborted", results[r]  # type: ignore[index]
+        errors, messages = results[r]["errors"], results[r]["messages"]  # type: ignore[index]
+        firsts.append(errors[0])
+        # both callers wait 2 s; the one whose deadline fires first tells the other, whose own deadline
+        # is then microseconds away: either error is right, as long as it says the barrier timed out
+        assert errors[0] == "CommTimeout" or (errors[0] == "CollectiveAborted" and "it timed out" in messages[0]
+                                              and "did not complete within 2 s" in messages[0]), results[r]
+        assert float(results[r]["first_error_s"]) >= 1.9, results[r]  # type: ignore[arg-type]
+        assert errors[1] == "CollectiveAborted", results[r]
+    assert "CommTimeout" in firsts, results
     # the rank that skipped learns the group broke as soon as it calls the next collective
     assert results[1]["errors"] == ["CollectiveAborted"], results[1]
     # the callers' time from entering the barrier to its CommTimeout (the skip is there from the start)

@@ -495,8 +495,9 @@ class Engine:
             if d.mid in peer.incoming:
                 raise ProtocolError(f"message {d.mid} started twice")
             inc = self._claim(peer.rank, d)
-            if plen < d.total:
-                peer.incoming[d.mid] = inc
+            # tracked even when this one frame is the whole message: if the peer is lost while
+            # its payload is still being read, lose_peer must find and fail whoever waits on it
+            peer.incoming[d.mid] = inc
         else:
             got = peer.incoming.get(d.mid)
             if got is None or got.received != d.offset:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 mkdir -p results
 status=0
-.venv/bin/python -m pytest -q -m fault -p no:cacheprovider --reliability-json results/reliability.json "$@" || status=$?
+.venv/bin/python -m pytest -q -m fault -p no:cacheprovider --reliability-json=results/reliability.json "$@" || status=$?
 .venv/bin/python scripts/reliability_report.py results/reliability.json > docs/reliability.md
 echo "wrote docs/reliability.md ($(grep -c '^| ' docs/reliability.md) table lines); pytest exit status $status"
 exit $status

@@ -59,7 +59,7 @@ def _tail(path: Path, limit: int = 2000) -> str:
 
 def launch(kind: str, specs: list[dict[str, Any]], *, timeout: float,
            passthrough_rank0: bool = False,
-           on_poll: Callable[[], None] | None = None) -> list[WorkerRun]:
+           on_poll: Callable[[], None] | None = None, module: str | None = None) -> list[WorkerRun]:
     """Run one `_worker kind` process per spec (spec i is rank i) and wait for all of them.
 
     Each child gets its spec as JSON plus an `out` path to write its result to. Why
@@ -67,6 +67,8 @@ def launch(kind: str, specs: list[dict[str, Any]], *, timeout: float,
     (like the spawn context) with nothing inherited but the environment. If any child
     exits non-zero, or `timeout` seconds pass, every child still running is killed
     and `WorkersFailed` carries the logs' tails. `on_poll` runs every ~50 ms (progress).
+    With `module`, the children are `python -m MODULE _worker SPEC` instead: workers
+    that live in a module of their own (the calibration probe, bench cost-model).
     """
     with tempfile.TemporaryDirectory(prefix=f"sagellm-comm-{kind}-") as tmp:
         tmpdir = Path(tmp)
@@ -80,7 +82,8 @@ def launch(kind: str, specs: list[dict[str, Any]], *, timeout: float,
                 fh = open(log, "wb")  # noqa: SIM115 - closed in `finally` once the child is gone
                 handles.append(fh)
                 logs.append(log)
-                cmd = [sys.executable, "-m", "sagellm_comm.cli", "_worker", kind, json.dumps(spec)]
+                entry = ["-m", module, "_worker"] if module else ["-m", "sagellm_comm.cli", "_worker", kind]
+                cmd = [sys.executable, *entry, json.dumps(spec)]
                 stdout = None if (passthrough_rank0 and rank == 0) else fh
                 procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
                                               stderr=fh))

@@ -267,49 +267,10 @@ def worker(spec: dict[str, Any]) -> int:
 
 
 def launch_module(module: str, specs: list[dict[str, Any]], *, timeout: float) -> list[Any]:
-    """`demo.launch`, for workers that live in a module of their own (`python -m MODULE _worker SPEC`)."""
-    import subprocess
-    import tempfile
+    """`demo.launch` for workers that live in a module of their own (`python -m MODULE _worker SPEC`)."""
+    from ..demo import launch
 
-    from ..demo import WorkerRun, WorkersFailed, _failure_report, _stop, _tail
-
-    with tempfile.TemporaryDirectory(prefix="sagellm-comm-probe-") as tmp:
-        tmpdir = Path(tmp)
-        procs: list[subprocess.Popen[bytes]] = []
-        logs: list[Path] = []
-        handles = []
-        try:
-            for rank, spec in enumerate(specs):
-                spec = {**spec, "out": str(tmpdir / f"result{rank}.json")}
-                log = tmpdir / f"rank{rank}.log"
-                fh = open(log, "wb")  # noqa: SIM115 - closed in `finally` once the child is gone
-                handles.append(fh)
-                logs.append(log)
-                cmd = [sys.executable, "-m", module, "_worker", json.dumps(spec)]
-                procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh))
-            deadline = time.monotonic() + timeout
-            while True:
-                codes = [p.poll() for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    time.sleep(0.5)
-                    raise WorkersFailed(_failure_report(module, procs, logs, f"rank(s) {failed} failed"))
-                if all(c == 0 for c in codes):
-                    break
-                if time.monotonic() > deadline:
-                    raise WorkersFailed(_failure_report(module, procs, logs,
-                                                        f"not finished after {timeout:g} s; killed"))
-                time.sleep(0.05)
-            runs = []
-            for rank, p in enumerate(procs):
-                out = tmpdir / f"result{rank}.json"
-                result = json.loads(out.read_text()) if out.exists() else None
-                runs.append(WorkerRun(rank, p.returncode, result, _tail(logs[rank])))
-            return runs
-        finally:
-            _stop(procs)
-            for fh in handles:
-                fh.close()
+    return launch(module, specs, timeout=timeout, module=module)
 
 
 def measure_link(transport: str, sizes: Sequence[int], scale: float, backend: str = "asyncio") -> dict[str, Any]:

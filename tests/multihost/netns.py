@@ -57,8 +57,8 @@ def unavailable() -> str | None:
 class Fabric:
     """`hosts` namespaces on one bridge; `down()` removes every trace."""
 
-    def __init__(self, hosts: int) -> None:
-        self.tag = f"sc{os.getpid()}"
+    def __init__(self, hosts: int, name: str = "") -> None:
+        self.tag = f"sc{os.getpid()}{name}"  # `name` tells apart fabrics of one process
         self.switch = f"{self.tag}-sw"
         self.names = [f"{self.tag}-h{i}" for i in range(hosts)]
         self.impairer: subprocess.Popen[str] | None = None

@@ -110,3 +110,21 @@ def test_topo_tree_json_and_the_model_in_use(tmp_path: Path) -> None:
     assert list((tmp_path / "sagellm-comm").glob("calibration-*.json"))
     after = topo()
     assert "cost model: calibrated" in after.stdout and "(tcp_loopback)" in after.stdout
+
+
+@pytest.mark.multiprocess
+def test_bench_trace_holds_both_ranks_all_reduces(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ar_trace.json"
+    out = run_cli("bench", "all-reduce", "--world", "2", "--sizes", "4,64K", "--iters", "5",
+                  "--no-progress", "--trace", str(path), timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"# wrote trace {path}" in out.stdout
+    doc = json.loads(path.read_text())
+    assert doc["otherData"]["ranks"] == [0, 1]
+    names = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {"rank 0", "rank 1"}
+    for rank in (0, 1):
+        ar = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] == rank and e["name"] == "all_reduce"]
+        sizes = [e["args"]["bytes"] for e in ar]
+        assert sizes.count(4) >= 5 and sizes.count(65536) >= 5, sizes
+        assert all(e["dur"] >= 0 and e["args"]["ok"] for e in ar)

@@ -195,9 +195,7 @@ def measure(*, world: int, transport: str, sizes: list[int], ops: list[str], ite
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`sagellm-comm bench cost-model` (the lead wires it) and `python bench/cost_model.py`."""
-    from .bench_allreduce import machine_info, write_report
-    from .group import DEFAULT_CHUNK_BYTES
-    from .topology import calibrate
+    from . import bench_output
 
     ap = argparse.ArgumentParser(prog="sagellm-comm bench cost-model",
                                  description="Predicted against measured time of every collective, per size.")
@@ -213,9 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default="auto", choices=["auto", "defaults", "calibration"],
                     help="auto: this host's cached calibration if there is one, else the built-in defaults")
     ap.add_argument("--json", help="write rows, summary, model and machine here")
+    bench_output.add_args(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
+    return bench_output.run(args.trace, args.plot, args.json, lambda json_path: _run(args, argv, json_path))
 
-    from .bench_allreduce import parse_sizes
+
+def _run(args: Any, argv: Sequence[str] | None, json_path: str | None) -> int:
+    from .bench_allreduce import machine_info, parse_sizes, write_report
+    from .group import DEFAULT_CHUNK_BYTES
+    from .topology import calibrate
 
     cal = None if args.model == "defaults" else calibrate.load()
     if args.model == "calibration" and cal is None:
@@ -234,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "statistic": "rank 0's median over timed calls", "chunk_bytes": DEFAULT_CHUNK_BYTES,
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     print(format_table(res["rows"], settings))
-    if args.json:
-        write_report(args.json, {"benchmark": "cost_model", "command": list(argv or sys.argv[1:]),
+    if json_path:
+        write_report(json_path, {"benchmark": "cost_model", "command": list(argv or sys.argv[1:]),
                                  "machine": machine_info(), "settings": settings, "summary": summarize(res["rows"]),
                                  "rows": res["rows"], "model_fit": res["fit"]})
     return 0

@@ -18,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from typing import Any
 
+from . import bench_output
+
 
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run and check every collective across local processes",
@@ -59,6 +61,7 @@ def _add_bench(sub: Any) -> None:
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a.add_argument("--transport", choices=["auto", "tcp", "shm", "ucx"], default=None,
                    help="transport for our ranks (default: SAGELLM_COMM_TRANSPORT, else auto)")
+    bench_output.add_args(a)
     t = bsub.add_parser("transports", help="tcp, shm and ucx side by side, against gloo and memcpy",
                         description="2 local processes: all_reduce latency and bus bandwidth per "
                                     "transport against gloo, and one-way point-to-point bandwidth "
@@ -72,6 +75,7 @@ def _add_bench(sub: Any) -> None:
     t.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     t.add_argument("--no-gloo", action="store_true", help="skip the gloo comparison")
     t.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    bench_output.add_args(t)
     g = bsub.add_parser("gpu", help="CUDA completion latency, idle CPU, overhead vs NCCL, staging vs PCIe",
                         description="On a CUDA machine: how soon an awaiting task sees a kernel finish (vs a "
                                     "bare polling loop), CPU use idle and waiting, host time of an awaited "
@@ -83,6 +87,7 @@ def _add_bench(sub: Any) -> None:
     g.add_argument("--staged-sizes", default="64M,256M,1G", help="sizes of the staged transfer")
     g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     g.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    bench_output.add_args(g)
     o = bsub.add_parser("overlap", help="decode-loop overlap of compute and communication, vs sequential",
                         description="Matmuls on a compute stream and an all_reduce (or a KV offload) on the "
                                     "communication stream per step: compute alone, comm alone, sequential "
@@ -97,6 +102,7 @@ def _add_bench(sub: Any) -> None:
     o.add_argument("--rounds", type=int, default=3)
     o.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     o.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    bench_output.add_args(o)
     n = bsub.add_parser("nccl", help="awaited collectives on CUDA vs bare torch.distributed NCCL, 1 process/GPU",
                         description="all_reduce, all_gather, reduce_scatter on float32 CUDA tensors, one process "
                                     "per GPU: time and bus bandwidth of `await comm.<op>` against "
@@ -107,6 +113,7 @@ def _add_bench(sub: Any) -> None:
     n.add_argument("--iters", type=int, default=500, help="iterations per size, at most")
     n.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     n.add_argument("--json", metavar="FILE", help="write every result and the machine info here")
+    bench_output.add_args(n)
     _add_bench_kv(bsub)
     _add_bench_soak(bsub)
     c = bsub.add_parser("cost-model", add_help=False,
@@ -141,6 +148,7 @@ def _add_bench_soak(bsub: Any) -> None:
                    help="allowed RSS growth after the warm-up, MiB (default 32)")
     s.add_argument("--op-timeout", type=float, default=60.0, help="seconds any one op may take (default 60)")
     s.add_argument("--json", metavar="FILE", help="write every rank's samples, counts and the verdict here")
+    bench_output.add_args(s)  # a trace keeps every op in memory: the RSS check will count it
 
 
 def _add_bench_kv(bsub: Any) -> None:
@@ -175,6 +183,7 @@ def _add_bench_kv(bsub: Any) -> None:
     k.add_argument("--timeout", type=float, default=0.0,
                    help="seconds per transport before the workers are killed (default: from the bytes moved)")
     k.add_argument("--json", metavar="FILE", help="write every row, the settings and the machine info here")
+    bench_output.add_args(k)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,36 +488,44 @@ def main(argv: list[str] | None = None) -> int:
             print("sagellm-comm demo: --world must be at least 1", file=sys.stderr)
             return 2
         return run_demo(args.world, args.backend, args.size_kib, args.timeout, args.transport)
-    if args.cmd == "bench" and args.bench == "transports":
-        return _bench_transports(args, argv)
-    if args.cmd == "bench" and args.bench == "kv":
-        return _bench_kv(args, argv)
-    if args.cmd == "bench" and args.bench == "soak":
-        return _bench_soak(args, argv)
-    if args.cmd == "bench" and args.bench in ("gpu", "overlap", "nccl"):
-        return _bench_device(args, argv)
     if args.cmd == "bench":
-        from . import bench_allreduce
+        def body(json_path: str | None) -> int:  # --json, or a scratch file when only --plot needs it
+            args.json = json_path
+            return _bench(args, argv)
 
-        try:
-            sizes = bench_allreduce.parse_sizes(args.sizes)
-        except ValueError as e:
-            print(f"sagellm-comm bench: {e}", file=sys.stderr)
-            return 2
-        if args.world < 2 or args.iters < 1:
-            print("sagellm-comm bench: needs --world >= 2 and --iters >= 1", file=sys.stderr)
-            return 2
-        try:
-            return bench_allreduce.run(
-                world=args.world, sizes=sizes, iters=args.iters, warmup=args.warmup,
-                max_seconds=args.max_seconds, backend=args.backend,
-                compare=None if args.compare == "none" else args.compare, json_path=args.json,
-                argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)],
-                progress=not args.no_progress, transport=args.transport)
-        except bench_allreduce.WorkersFailed as e:
-            print(f"sagellm-comm bench FAILED: {e}", file=sys.stderr)
-            return 1
+        return bench_output.run(args.trace, args.plot, args.json, body)
     return 2
+
+
+def _bench(args: Any, argv: list[str] | None) -> int:
+    if args.bench == "transports":
+        return _bench_transports(args, argv)
+    if args.bench == "kv":
+        return _bench_kv(args, argv)
+    if args.bench == "soak":
+        return _bench_soak(args, argv)
+    if args.bench in ("gpu", "overlap", "nccl"):
+        return _bench_device(args, argv)
+    from . import bench_allreduce
+
+    try:
+        sizes = bench_allreduce.parse_sizes(args.sizes)
+    except ValueError as e:
+        print(f"sagellm-comm bench: {e}", file=sys.stderr)
+        return 2
+    if args.world < 2 or args.iters < 1:
+        print("sagellm-comm bench: needs --world >= 2 and --iters >= 1", file=sys.stderr)
+        return 2
+    try:
+        return bench_allreduce.run(
+            world=args.world, sizes=sizes, iters=args.iters, warmup=args.warmup,
+            max_seconds=args.max_seconds, backend=args.backend,
+            compare=None if args.compare == "none" else args.compare, json_path=args.json,
+            argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)],
+            progress=not args.no_progress, transport=args.transport)
+    except bench_allreduce.WorkersFailed as e:
+        print(f"sagellm-comm bench FAILED: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

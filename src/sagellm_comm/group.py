@@ -9,6 +9,7 @@ the API says so and never keep a reference after they return.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import anyio
 import numpy as np
 
+from . import trace as _trace
 from .buffers import Buffer, DeviceBytes, as_buffer, check_op, empty_like, view_elements
 from .collectives import direct, doubling, ring, select, tree
 from .collectives.context import OpContext
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger("sagellm_comm.group")
+
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # pipelining unit of ring/tree algorithms; measured best on loopback
 
 
@@ -66,7 +70,7 @@ class Communicator:
         self._owns_engine = owns_engine
         self._splits: dict[tuple[int, ...], int] = {}
         self._closed: CommClosed | None = None
-        self.stats = Stats()
+        self.stats = Stats(rank=group.members[group.rank], group=group.group_id)
         links = self.peer_transports()
         self.transport = transport or "+".join(sorted({str(v["transport"]) for v in links.values()})) or "self"
         self.stats.links = links
@@ -74,6 +78,10 @@ class Communicator:
         self.before_op: Callable[[str], None] | None = None  # fault injection (sagellm_comm.testing)
         self.topology: ClusterView | None = None  # every member's host, gathered at init_process_group
         engine.register_group(group)
+        if owns_engine:
+            _trace.follow_env()
+        log.info("rank %d: group %r created: rank %d of %d, transport %s", self.stats.rank, group.group_id,
+                 group.rank, group.size, self.transport)
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -403,19 +411,27 @@ class Communicator:
 
     async def aclose(self) -> None:
         """Close this communicator; for the world communicator, say goodbye to every peer."""
+        first = self._closed is None
         if self._closed is None:
             self._closed = CommClosed(f"communicator {self.group_id!r} is closed")
             self._group.break_(self._closed)
         if self._owns_engine:
             await self._engine.close()
+            _trace.rank_closed(self.stats.rank)
+        if first:
+            log.info("rank %d: group %r closed", self.stats.rank, self.group_id)
 
     def abort(self) -> None:
         """Drop every connection at once (world communicator) without goodbyes."""
+        first = self._closed is None
         self._closed = self._closed or CommClosed(f"communicator {self.group_id!r} was aborted")
         if self._owns_engine:
             self._engine.abort(self._closed)
+            _trace.rank_closed(self.stats.rank)
         else:
             self._group.break_(self._closed)
+        if first:
+            log.info("rank %d: group %r aborted", self.stats.rank, self.group_id)
 
     async def __aenter__(self) -> Communicator:
         return self
@@ -448,8 +464,9 @@ class Communicator:
         return _Deadline(limit, f"{what} on rank {self.rank} of group {self.group_id!r}")
 
     def _record(self, op: str, nbytes: int, algo: str, why: str, seq: int = -1, predicted: float = 0.0) -> OpRecord:
-        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, time.perf_counter(),
-                        predicted=predicted)
+        now = time.perf_counter()  # nothing waits between the call and here on the host path: queued = started
+        return OpRecord(op, self.group_id, seq, nbytes, algo, why, self.transport, now, predicted=predicted,
+                        queued=now)
 
     def _done(self, rec: OpRecord, error: BaseException | None) -> None:
         rec.finished = time.perf_counter()
@@ -505,13 +522,16 @@ class Communicator:
         raise e
 
     async def _lane_collective(self, kind: str, dt: DeviceTensor, lane: TorchLane, issue: Callable[[Any], Any],
-                               timeout: float | None, root: int, op: str) -> None:
-        """A collective on the NCCL lane: the same bookkeeping as `_collective`, minus the host path's."""
+                               timeout: float | None, root: int, op: str, queued: float = 0.0) -> None:
+        """A collective on the NCCL lane: the same bookkeeping as `_collective`, minus the host path's.
+
+        `queued`: when the caller asked for it, if it first waited (for the lane to open)."""
         self._check_open(kind)
         g = self._group
         fp = g.begin(kind, dt.dtype.name, dt.shape, root, op)
+        now = time.perf_counter()
         rec = OpRecord(kind, g.group_id, fp.seq, dt.nbytes, lane.backend, lane.reason, lane.backend,
-                       time.perf_counter())
+                       now, queued=queued or now)
         limit = timeout if timeout is not None else self._timeout
         ops = self._device
         assert ops is not None
@@ -540,13 +560,14 @@ class Communicator:
                          inputs: list[Any], outputs: list[Any], priority: int,
                          timeout: float | None, *, root: int = -1, op: str = "") -> None:
         """Run a collective on device tensors: on the device's lane, or (CUDA) staged through `host_op`."""
+        queued = time.perf_counter()
         ops = self._device_ops()
         dev = dt.obj.device
         lane = ops.device_lanes.get((dev.type, priority)) if op in NCCL_OPS else None
         if lane is None:
             lane = await ops.lane(dev, priority, op)
         if lane is not None:
-            await self._lane_collective(kind, dt, lane, issue, timeout, root, op)
+            await self._lane_collective(kind, dt, lane, issue, timeout, root, op, queued)
             return
         if self.world_size == 1:  # nothing to exchange: copy locally, on the device
             self._check_open(kind)

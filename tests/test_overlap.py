@@ -90,12 +90,18 @@ async def test_concurrent_comm_and_compute_overlap() -> None:
         async with comm.overlap() as ov:
             ov.start_comm(communicate)
             ov.start_compute(anyio.sleep, 0.2)
-        return ov.report, x
+        return ov.report, x, ov.spans()
 
     with anyio.fail_after(10):
         results = await run_ranks(2, body)
-    for rep, x in results:
+    for rep, x, spans in results:
         np.testing.assert_array_equal(x, np.full(8, 3, dtype=np.float32))  # the comm task really ran
+        # one span of each kind, from the block's start, inside the block, and the report is their sum
+        assert [len(spans["comm"]), len(spans["compute"])] == [1, 1], spans
+        for kind, total in (("comm", rep.comm_s), ("compute", rep.compute_s)):
+            (t0, t1), = spans[kind]
+            assert 0 <= t0 < 0.05 and t1 <= rep.wall_s + 1e-6, spans
+            assert t1 - t0 == pytest.approx(total, abs=1e-6)
         assert rep.comm_s >= 0.19 and rep.compute_s >= 0.19, rep
         assert rep.efficiency > 0.8, rep
         assert rep.hidden_s > 0.15, rep

@@ -23,6 +23,8 @@ from typing import Any
 from . import bench_allreduce
 from .demo import fmt_bytes, free_port, launch
 
+TIMELINE_STEPS = 4  # overlapped steps per rank whose spans the report keeps
+
 
 async def _loops(comm: Any, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
@@ -60,12 +62,16 @@ async def _loops(comm: Any, spec: dict[str, Any]) -> dict[str, Any]:
         await communicate()
 
     efficiencies: list[float] = []
+    timeline: list[dict[str, Any]] = []  # the last few overlapped steps' spans, for `--plot`
 
     async def ovl_step() -> None:
         async with comm.overlap() as ov:
             ov.start_comm(communicate)
             ov.start_compute(compute)
         efficiencies.append(ov.report.efficiency)
+        timeline.append({"rank": comm.rank, "step": len(efficiencies) - 1, "wall": ov.report.wall_s,
+                         **{kind: [list(s) for s in spans] for kind, spans in ov.spans().items()}})
+        del timeline[:-TIMELINE_STEPS]
 
     async def timed(step: Any) -> float:
         for _ in range(3):
@@ -88,6 +94,7 @@ async def _loops(comm: Any, spec: dict[str, Any]) -> dict[str, Any]:
     res["overlap_report_efficiency"] = statistics.median(efficiencies) if efficiencies else float("nan")
     res["path"] = comm.device_path if mode != "offload" else "offload on the comm stream"
     res["rounds"] = out
+    res["timeline"] = timeline
     return res
 
 
@@ -127,6 +134,7 @@ def run(*, mode: str, world: int, hidden: int, tokens: int, matmuls: int, comm_b
             "gpu_per_rank": ngpu >= world, "port": free_port()}
     runs = launch("overlap", [{**spec, "rank": r} for r in range(world)], timeout=600.0)
     r = runs[0].result or {}
+    r["timeline"] = [step for run in runs for step in (run.result or {}).get("timeline", [])]  # every rank's
     print(f"# {mode}, world {world} on {ngpu} GPU(s) ({r.get('path')}); {backend}; per-step medians of "
           f"{steps} steps x {rounds} rounds")
     print(f"# compute: {matmuls} x ({tokens}x{hidden}) @ ({hidden}x{hidden}) bf16; comm: "

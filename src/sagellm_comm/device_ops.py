@@ -200,6 +200,8 @@ class DeviceOps:
     def path(self, priority: int = 0) -> str:
         """"nccl" (or the vendor lane's name), "host staging" or "undecided" (no device op yet) for `priority`."""
         got = self._lanes.get(("cuda", priority))
+        if got is None:  # every priority takes the same path: one decided at another priority says it
+            got = next((lane for (dev, _), lane in self._lanes.items() if dev == "cuda"), None)
         if got is None:
             for (_, p), lane in self.device_lanes.items():
                 if p == priority:

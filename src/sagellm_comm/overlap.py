@@ -95,6 +95,12 @@ class Overlap:
             wall = time.perf_counter() - self._start
             self.report = report(self._spans["comm"], self._spans["compute"], wall)
 
+    def spans(self) -> dict[str, list[Span]]:
+        """Each task's (start, end), in seconds from the block's start, by kind ("comm", "compute"):
+        the report only sums them; a timeline (`bench overlap --plot`) draws them."""
+        return {kind: sorted((a - self._start, b - self._start) for a, b in spans)
+                for kind, spans in self._spans.items()}
+
     def start_comm(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Run `fn(*args)` in the group, counted as communication."""
         self._start_soon("comm", fn, args)

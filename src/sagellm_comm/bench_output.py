@@ -69,10 +69,10 @@ def _plot(doc_path: str, out: str) -> int:
         return 1
     doc: dict[str, Any] = json.loads(Path(doc_path).read_text())
     try:
-        from .plots import plot_benchmark  # type: ignore[import-not-found,unused-ignore]
+        from .plots import plot_benchmark
 
         plot_benchmark(doc, out)
-    except ImportError as e:  # no matplotlib (or no plots module)
+    except ImportError as e:  # no matplotlib
         print(f"# no plot: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

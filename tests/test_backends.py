@@ -206,6 +206,8 @@ def test_fake_vendor_lane_runs_every_op(name: str, loop: str, tmp_path: Path) ->
         results = ranks.results(timeout=120, clean_exit=True)
     package = vendor.VENDORS[name].package
     for r, res in results.items():
+        # closing the communicator released both lanes while the interpreter was whole
+        assert res["lanes_open_after_close"] == 0 and res["lanes_released"] == [True, True], res
         checks = res["checks"]
         assert isinstance(checks, dict) and not any(checks.values()), (r, checks)
         assert {"all_reduce/sum", "all_reduce/prod/high", "all_gather", "reduce_scatter", "broadcast",
@@ -257,6 +259,7 @@ def test_fake_vendor_lane_that_cannot_open_names_device_and_backend(tmp_path: Pa
         if r == 1:
             assert "device is busy" in message, message
         assert res["host_ok"] and res["created"] == 1, res
+        assert res["lanes_open_after_close"] == 0 and res["lanes_released"] == [], res
 
 
 # -- (4) auto: CPU tensors on our transports -------------------------------------------------

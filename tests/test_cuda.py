@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.cuda,
 import procs  # noqa: E402
 import sagellm_comm as sc  # noqa: E402
 from procs import free_port  # noqa: E402
+from sagellm_comm.transports import nccl  # noqa: E402
 
 WORKER = str(Path(__file__).with_name("cuda_worker.py"))
 
@@ -108,6 +109,10 @@ async def test_world_of_one_runs_every_op_on_cuda(backend: str) -> None:
             assert comm.device_path == ("nccl" if backend == "nccl" else "host staging")
             with pytest.raises(sc.UnsupportedBuffer):
                 await comm.all_reduce(torch.ones(4, 4, device="cuda").t())
+            lanes = list(comm._device_ops().device_lanes.values())
+    assert len(lanes) == (1 if backend == "nccl" else 0)
+    # closing shut the NCCL process group down and let go of it, before interpreter exit
+    assert all(lane.pg is None and lane.store is None and lane not in nccl._live_lanes for lane in lanes)
 
 
 @pytest.mark.anyio

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import sagellm_comm as sc
-from sagellm_comm.transports import vendor
+from sagellm_comm.transports import nccl, vendor
 
 OP_SECONDS = 20
 
@@ -98,11 +98,12 @@ async def ops(comm: sc.Communicator, name: str) -> dict[str, Any]:
 
 async def scenario(name: str, rank: int, world: int, port: int, backend: str) -> None:
     vendor.cpu_lane = backend  # testing hook: CPU tensors take the (fake) vendor lane
+    result: dict[str, Any] = {}
     async with sc.init_process_group(f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=60,
                                      backend=backend) as comm:
         with anyio.fail_after(OP_SECONDS * 4):
             if name == "ops":
-                report(rank=comm.rank, **await ops(comm, backend))
+                result = dict(rank=comm.rank, **await ops(comm, backend))
             elif name == "fail":
                 error, message = "", ""
                 try:
@@ -111,9 +112,15 @@ async def scenario(name: str, rank: int, world: int, port: int, backend: str) ->
                     error, message = type(e).__name__, str(e)
                 arr = np.ones(3, np.float32)
                 await comm.all_reduce(arr)
-                report(rank=comm.rank, error=error, message=message, host_ok=bool((arr == world).all()),
-                       created=len(sys.modules[vendor.VENDORS[backend].package].created))
+                result = dict(rank=comm.rank, error=error, message=message, host_ok=bool((arr == world).all()),
+                              created=len(sys.modules[vendor.VENDORS[backend].package].created))
+            lanes = [lane for lane in comm._device_ops().device_lanes.values()]
             await comm.barrier()
+    # closing the communicator shut its process groups down and let go of them (a process
+    # group left to interpreter finalization can abort the process as it exits)
+    result["lanes_open_after_close"] = len(nccl._live_lanes)
+    result["lanes_released"] = [lane.pg is None and lane.store is None for lane in lanes]
+    report(**result)
 
 
 def main() -> None:

@@ -211,6 +211,14 @@ class DeviceOps:
             return "undecided"
         return got.backend if isinstance(got, TorchLane) else f"host staging ({got})"
 
+    def release(self) -> list[TorchLane]:
+        """Forget every lane (the communicator is closing) and return them, for `TorchLane.close`."""
+        lanes = [lane for lane in self._lanes.values() if isinstance(lane, TorchLane)]
+        self._lanes.clear()
+        self.device_lanes.clear()
+        self.open_lanes.clear()
+        return lanes
+
     def drop_lane(self, lane: TorchLane) -> None:
         lane.abort()
         key = (lane.device_type, lane.priority)

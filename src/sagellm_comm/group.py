@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
+import anyio.to_thread
 import numpy as np
 
 from . import trace as _trace
@@ -50,6 +51,11 @@ T = TypeVar("T")
 log = logging.getLogger("sagellm_comm.group")
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024  # pipelining unit of ring/tree algorithms; measured best on loopback
+
+
+def _close_lanes(lanes: list[TorchLane]) -> None:
+    for lane in lanes:
+        lane.close()
 
 
 class Communicator:
@@ -415,6 +421,11 @@ class Communicator:
         if self._closed is None:
             self._closed = CommClosed(f"communicator {self.group_id!r} is closed")
             self._group.break_(self._closed)
+        if self._device is not None:
+            lanes = self._device.release()
+            if lanes:  # NCCL's shutdown can take a while: off the loop, and not cut short by a cancel
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_close_lanes, lanes)
         if self._owns_engine:
             await self._engine.close()
             _trace.rank_closed(self.stats.rank)
@@ -425,6 +436,9 @@ class Communicator:
         """Drop every connection at once (world communicator) without goodbyes."""
         first = self._closed is None
         self._closed = self._closed or CommClosed(f"communicator {self.group_id!r} was aborted")
+        if self._device is not None:
+            for lane in self._device.release():
+                lane.abort()
         if self._owns_engine:
             self._engine.abort(self._closed)
             _trace.rank_closed(self.stats.rank)

@@ -21,11 +21,13 @@ GPU, and fake vendor packages whose registered process groups are gloo.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import socket
 import sys
+import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +87,21 @@ def reduce_op(op: str) -> Any:
     return _REDUCE_OPS.get(op)
 
 
+_live_lanes: weakref.WeakSet[TorchLane] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_lanes() -> None:
+    """Lanes whose communicator was never closed: shut down while the interpreter is whole.
+
+    A process group destroyed during interpreter finalization can abort the process
+    (gloo's worker threads release tensors and need the GIL that is being torn down:
+    "terminate called without an active exception", exit -6), so none may live that long.
+    """
+    for lane in list(_live_lanes):
+        lane.close()
+
+
 class LaneUnavailable(BackendUnavailable):
     """This group cannot use the backend (says why); CUDA tensors fall back to host staging."""
 
@@ -115,6 +132,7 @@ class TorchLane:
         dist = _torch().distributed
         self._allreduce_opts: dict[str, Any] = {}
         self._dist = dist
+        _live_lanes.add(self)
 
     def allreduce_opts(self, op: str) -> Any:
         opts = self._allreduce_opts.get(op)
@@ -150,6 +168,27 @@ class TorchLane:
 
     def recv(self, t: Any, src: int, tag: int) -> Any:
         return self.pg.recv([t], src, tag)
+
+    def close(self) -> None:
+        """Shut the process group down and let go of it, then of the store it was made from
+        (in that order: the group may still talk to the store while it shuts down).
+
+        Called when its communicator closes, so the group is destroyed while the interpreter
+        is whole (see `_close_live_lanes`). An aborted lane (a peer was lost) is left alone:
+        its backend may still be waiting on the dead peer, and destroying it would block
+        until the backend's own timeout.
+        """
+        _live_lanes.discard(self)
+        if self.aborted or self.pg is None:
+            return
+        self.aborted = True
+        pg, self.pg = self.pg, None
+        try:
+            pg.shutdown()
+        except Exception as e:  # best effort: we are letting go of it either way
+            log.debug("lane %s: shutdown() failed: %r", self.backend, e)
+        del pg  # the last reference: the group's destructor joins its threads here
+        self.store = None
 
     def abort(self) -> None:
         """Stop the backend's in-flight work (a peer is gone); the lane is unusable after."""

@@ -358,7 +358,9 @@ def check(result: dict[str, Any], opts: Options, world: int) -> dict[str, Any]:
             "device_path": result["device_path"], "tokens": result["tokens"], "reference": ref_tokens,
             "match": result["tokens"] == ref_tokens, "min_margin": min(margins), "max_logit_diff": max(diffs),
             "step_ms": 1e3 * sum(st) / len(st), "comm_ms": 1e3 * m.comm_s / n, "compute_ms": 1e3 * m.compute_s / n,
-            "hidden_ms": 1e3 * m.hidden_s / n}
+            "hidden_ms": 1e3 * m.hidden_s / n,
+            # as comm.overlap() reports it: the share of what could be hidden that was
+            "overlap_efficiency": m.hidden_s / min(m.comm_s, m.compute_s) if min(m.comm_s, m.compute_s) > 0 else 0.0}
 
 
 def show(rep: dict[str, Any]) -> None:
@@ -370,7 +372,7 @@ def show(rep: dict[str, Any]) -> None:
           f"smallest greedy margin {rep['min_margin']:.3g}, largest logit difference {rep['max_logit_diff']:.2g}")
     print(f"decode ({'overlap' if rep['overlap'] else 'no overlap'}): {rep['step_ms']:.2f} ms/step; per step "
           f"comm {rep['comm_ms']:.2f} ms, compute {rep['compute_ms']:.2f} ms, comm hidden behind compute "
-          f"{rep['hidden_ms']:.2f} ms")
+          f"{rep['hidden_ms']:.2f} ms (overlap efficiency {rep['overlap_efficiency']:.2f})")
     print("RESULT " + json.dumps(rep))
 
 

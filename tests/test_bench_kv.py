@@ -28,6 +28,20 @@ def test_unknown_codec_is_a_usage_error() -> None:
     assert "zstd" in out.stderr
 
 
+def test_two_gpus_are_asked_for_only_where_they_exist() -> None:
+    """--gpus 2 (rank r on GPU r) is refused with the reason on CPU caches and where torch sees fewer GPUs."""
+    torch = pytest.importorskip("torch")
+    out = run_bench("--gpus", "2", "--transport", "tcp", timeout=60)
+    assert out.returncode == 2 and "--gpus applies to --device cuda only" in out.stderr, out.stderr
+    out = run_bench("--gpus", "3", timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr, out.stderr
+    if torch.cuda.device_count() < 2:
+        out = run_bench("--device", "cuda", "--gpus", "2", "--transport", "tcp", timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert ("needs a CUDA GPU" in out.stderr if torch.cuda.device_count() == 0
+                else f"torch sees {torch.cuda.device_count()} GPU(s)" in out.stderr), out.stderr
+
+
 @pytest.mark.multiprocess
 def test_tiny_kv_bench_writes_sane_rows(tmp_path: Path) -> None:
     pytest.importorskip("torch")

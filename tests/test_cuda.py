@@ -179,6 +179,17 @@ def test_two_gpus_use_nccl_for_every_op(backend: str) -> None:
         assert r["path"] == "nccl", r
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs more than two GPUs (two are tested above)")
+def test_every_gpu_of_the_host_uses_nccl_for_every_op() -> None:
+    """One process per GPU on all of them (4 or 8 on the multi-GPU machines): every op, dtype and priority."""
+    world = torch.cuda.device_count()
+    res = run_ranks("ops", world, "asyncio", 480, {})
+    assert len(res) == world
+    for r in res:
+        assert r.get("ok"), r
+        assert r["path"] == "nccl", r
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for an NCCL group")
 def test_a_rank_lost_inside_nccl_is_peer_lost_on_the_survivor() -> None:
     res = run_ranks("kill", 2, "asyncio", 120, {}, report=[0])  # rank 1 leaves without a word

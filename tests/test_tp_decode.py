@@ -40,8 +40,11 @@ def check_report(rep: dict[str, Any], world: int, overlap: bool) -> None:
     assert rep["max_logit_diff"] < rep["min_margin"] / 2
     if overlap:
         assert rep["hidden_ms"] > 0  # comm.overlap() saw all_reduces run while compute ran
+        shorter = min(rep["comm_ms"], rep["compute_ms"])
+        assert 0 < rep["overlap_efficiency"] <= 1 + 1e-9
+        assert rep["overlap_efficiency"] == pytest.approx(rep["hidden_ms"] / shorter)
     else:
-        assert rep["hidden_ms"] == 0 and rep["comm_ms"] > 0
+        assert rep["hidden_ms"] == 0 and rep["comm_ms"] > 0 and rep["overlap_efficiency"] == 0
 
 
 def test_the_reference_is_the_plain_model() -> None:

@@ -119,7 +119,7 @@ class _Rank:
         self.spec = spec
         self.rank = int(spec["rank"])
         self.shape = Shape(**spec["layout"])
-        self.device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device("cpu")
+        self.device = torch.device("cuda", int(spec.get("gpu", 0))) if spec["device"] == "cuda" else torch.device("cpu")
         self.codecs: list[str] = list(spec["codecs"])
         self.num_blocks = cache_blocks(self.shape, spec["tokens"])
         self.cache: Any = None
@@ -300,7 +300,7 @@ def kv_worker(spec: dict[str, Any]) -> int:
     import sagellm_comm as sc
 
     if spec["device"] == "cuda":
-        torch.cuda.set_device(0)
+        torch.cuda.set_device(int(spec.get("gpu", 0)))
 
     me = _Rank(spec)
 
@@ -343,6 +343,7 @@ class Settings:
     transports: list[str]
     backend: str = "asyncio"
     device: str = "cpu"
+    gpus: int = 1  # CUDA caches: 1, both ranks on the first GPU; 2, rank r on GPU r (NVLink / PCIe P2P between them)
     iters: int = 5
     ids: str = "contiguous"
     checksum: bool = True
@@ -371,8 +372,9 @@ def measure(settings: Settings, transport: str) -> list[dict[str, Any]]:
             "layout": asdict(s.shape), "tokens": s.tokens, "codecs": s.codecs, "iters": s.iters, "ids": s.ids,
             "checksum": s.checksum, "ipc": s.ipc, "window": s.window, "chunk_bytes": s.chunk_bytes, "seed": s.seed,
             "op_timeout": s.op_timeout}
-    with _one_gpu(s.device == "cuda"):
-        runs = launch("kv", [{**base, "rank": r} for r in range(2)], timeout=s.budget())
+    with _one_gpu(s.device == "cuda" and s.gpus == 1):
+        runs = launch("kv", [{**base, "rank": r, "gpu": r if s.gpus == 2 else 0} for r in range(2)],
+                      timeout=s.budget())
     got = runs[1].result
     if not got:
         raise bench_allreduce.WorkersFailed(f"kv workers: rank 1 wrote no result\n{runs[1].log}")
@@ -416,12 +418,19 @@ def _rows(transport: str, s: Settings, r: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": tokens, "rows": rows, "raw": common}
 
 
-def d2d_gbps(nbytes: int) -> float:
-    """A device-to-device copy of `nbytes` on GPU 0, median of 10 (CUDA events)."""
+def d2d_gbps(nbytes: int, src_gpu: int = 0, dst_gpu: int = 0) -> float:
+    """A device-to-device copy of `nbytes` from GPU `src_gpu` to GPU `dst_gpu` (the same one by
+    default), median of 10, timed by CUDA events on the source's current stream."""
     torch: Any = importlib.import_module("torch")
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{src_gpu}")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst_gpu}")
     dst.copy_(src)
+    torch.cuda.synchronize(dst_gpu)
+    with torch.cuda.device(src_gpu):
+        return _timed_copies(torch, dst, src, nbytes)
+
+
+def _timed_copies(torch: Any, dst: Any, src: Any, nbytes: int) -> float:
     times = []
     for _ in range(10):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -441,6 +450,11 @@ def ceilings(s: Settings) -> dict[str, dict[str, float]]:
         if s.device == "cuda":
             from .bench_gpu import pcie_gbps
 
+            if s.gpus == 2:  # the copy the transfer competes with: GPU 0 straight into GPU 1
+                pcie = pcie_gbps(nbytes)
+                out[str(tokens)] = {"d2d_gbps": d2d_gbps(nbytes, 0, 1), "same_gpu_gbps": d2d_gbps(nbytes),
+                                    "h2d_gbps": pcie["h2d"], "d2h_gbps": pcie["d2h"]}
+                continue
             with _one_gpu(True):
                 pcie = pcie_gbps(nbytes)
                 out[str(tokens)] = {"d2d_gbps": d2d_gbps(nbytes), "h2d_gbps": pcie["h2d"], "d2h_gbps": pcie["d2h"]}
@@ -454,12 +468,14 @@ def ceilings(s: Settings) -> dict[str, dict[str, float]]:
 def format_table(s: Settings, results: dict[str, list[dict[str, Any]]], ceil: dict[str, dict[str, float]]) -> str:
     """The readable summary: one line per transport, size and codec."""
     cuda = s.device == "cuda"
-    lines = [f"# kv transfer, 2 processes (rank 0 sends, rank 1 receives), {s.backend}, caches on {s.device}; "
+    where = "GPU 0 -> GPU 1" if cuda and s.gpus == 2 else s.device
+    lines = [f"# kv transfer, 2 processes (rank 0 sends, rank 1 receives), {s.backend}, caches on {where}; "
              f"{s.shape.describe()}",
              f"# block ids {s.ids}; checksum {'on' if s.checksum else 'off'}; medians of {s.iters} after a warm-up; "
              "GB/s = raw KV bytes / receiver's seconds (1e9 B/s)",
              "# raw = the same bytes over the bare transport, one message per layer, receives pre-posted; "
-             + ("d2d = one device copy of the request, h2d/d2h = pinned copies" if cuda
+             + (("d2d = one device copy of the request" + (" from GPU 0 to GPU 1" if s.gpus == 2 else "")
+                 + ", h2d/d2h = pinned copies") if cuda
                 else "memcpy = one core copying one layer's bytes"),
              f"{'transport':>9} {'tokens':>7} {'MiB':>8} {'codec':>5} {'kv GB/s':>8} {'raw GB/s':>8} "
              f"{'kv/raw':>6} {'1st ms':>8} {'raw 1st':>8} {'compr':>5} {'path':>6} "
@@ -497,6 +513,7 @@ def run(s: Settings, *, json_path: str | None, argv: list[str] | None = None) ->
         machine = bench_allreduce.machine_info()  # cpu count, versions (torch's too), date
         if s.device == "cuda":
             machine["gpu"] = torch.cuda.get_device_name(0)
+            machine["gpus_used"] = s.gpus
         bench_allreduce.write_report(json_path, {
             "benchmark": "kv", "command": argv, "machine": machine,
             "settings": {**asdict(s), "bytes_per_token": s.shape.bytes_per_token,

@@ -172,7 +172,10 @@ def _add_bench_kv(bsub: Any) -> None:
                    help="repeatable or comma-separated (default: every one available here)")
     k.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     k.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where both caches live (cuda: GPU 0 for both ranks)")
+                   help="where both caches live (cuda: GPU 0 for both ranks, unless --gpus 2)")
+    k.add_argument("--gpus", type=int, choices=[1, 2], default=1,
+                   help="with --device cuda: 1, both ranks on the first GPU (default); 2, rank r on GPU r, "
+                        "measured against a copy from GPU 0 straight into GPU 1")
     k.add_argument("--iters", type=int, default=5, help="timed transfers per size and codec (default 5)")
     k.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
                    help="per-block checksums on the channel (default on)")
@@ -409,7 +412,8 @@ def _bench_kv_settings(args: Any) -> Any:
         shape=bench_kv.Shape(args.layers, args.kv_heads, args.head_dim, args.block_size, args.dtype),
         tokens=tokens, codecs=_split(args.codec, bench_kv.CODECS, ["none"], "codec"),
         transports=transports or bench_transports.available_transports(), backend=args.backend,
-        device=args.device, iters=args.iters, ids=args.ids, checksum=args.checksum, ipc=args.ipc, window=args.window,
+        device=args.device, gpus=args.gpus, iters=args.iters, ids=args.ids, checksum=args.checksum, ipc=args.ipc,
+        window=args.window,
         chunk_bytes=parse_sizes(args.chunk_bytes)[0] if args.chunk_bytes else None, timeout=args.timeout)
 
 
@@ -428,6 +432,13 @@ def _bench_kv(args: Any, argv: list[str] | None) -> int:
         if not torch.cuda.is_available():
             print("sagellm-comm bench kv --device cuda needs a CUDA GPU; none is visible", file=sys.stderr)
             return 2
+        if settings.gpus > torch.cuda.device_count():
+            print(f"sagellm-comm bench kv --gpus {settings.gpus}: torch sees {torch.cuda.device_count()} GPU(s)",
+                  file=sys.stderr)
+            return 2
+    elif settings.gpus != 1:
+        print("sagellm-comm bench kv: --gpus applies to --device cuda only", file=sys.stderr)
+        return 2
     try:
         return bench_kv.run(settings, json_path=args.json,
                             argv=["sagellm-comm", *(sys.argv[1:] if argv is None else argv)])

@@ -262,6 +262,23 @@ def test_fake_vendor_lane_that_cannot_open_names_device_and_backend(tmp_path: Pa
         assert res["lanes_open_after_close"] == 0 and res["lanes_released"] == [], res
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_closing_mid_op_on_a_vendor_lane_does_not_wait_for_the_backend(loop: str, tmp_path: Path) -> None:
+    """FAKE torch_mlu (gloo underneath), 2 real processes: rank 0 closes its communicator while its
+    all_reduce on the lane waits for rank 1, which never joins. The close aborts the lane instead of
+    shutting it down (which would wait on the peer for the backend's 30-minute timeout), the op fails
+    with a typed error, and rank 1 learns rank 0 is gone."""
+    env = fake_packages(tmp_path)
+    with procs.Ranks(WORKER, "close_mid_op", 2, loop, env=env, extra=("cncl",)) as ranks:
+        results = ranks.results(timeout=90)
+    r0, r1 = results[0], results[1]
+    assert r0["waiting"] == 1 and r0["aborted"] and not r0["live"], r0
+    assert r0["error"] in ("CommClosed", "CollectiveAborted"), r0
+    assert 0 <= float(str(r0["closed_in"])) < 10, r0
+    assert r1["error"] in ("PeerLost", "CommClosed"), r1
+
+
 # -- (4) auto: CPU tensors on our transports -------------------------------------------------
 async def test_auto_keeps_cpu_tensors_on_our_transports() -> None:
     """No fake needed: with backend="auto" (the default) CPU tensors and numpy arrays never take a

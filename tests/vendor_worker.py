@@ -13,12 +13,15 @@ Scenarios (each rank prints one line `RESULT <json>`):
   p2p on the lane, a bitwise reduction (refused), numpy arrays (our transports);
 - fail: the fake creator raises on rank 1; every rank must get BackendUnavailable
   naming the device and the backend, and the group must still work on the host.
+- close_mid_op: rank 0 closes its communicator while its all_reduce on the lane waits
+  for rank 1, which never joins it; the close must not wait for the backend's timeout.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -96,8 +99,45 @@ async def ops(comm: sc.Communicator, name: str) -> dict[str, Any]:
                 backend_for=list(sc.backend_for(torch.ones(1), name)))
 
 
+async def close_mid_op(comm: sc.Communicator) -> dict[str, Any]:
+    await comm.all_reduce(torch.ones(4))  # opens the lane on both ranks
+    lane = comm._device_ops().device_lanes[("cpu", 0)]
+    if comm.rank == 1:  # never joins rank 0's second all_reduce; waits for rank 0 to go away
+        error = ""
+        try:
+            await comm.recv(np.zeros(1), 0, tag=1)
+        except sc.CommError as e:
+            error = type(e).__name__
+        return {"rank": 1, "error": error}
+    error = ""
+    closed_in = -1.0
+
+    async def op() -> None:
+        nonlocal error
+        try:
+            await comm.all_reduce(torch.ones(1 << 20))
+        except sc.CommError as e:
+            error = type(e).__name__
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(op)
+        await anyio.sleep(0.5)
+        waiting = lane.waiting
+        t0 = time.monotonic()
+        await comm.aclose()
+        closed_in = time.monotonic() - t0
+    return {"rank": 0, "error": error, "waiting": waiting, "closed_in": closed_in, "aborted": lane.aborted,
+            "live": lane in nccl._live_lanes}
+
+
 async def scenario(name: str, rank: int, world: int, port: int, backend: str) -> None:
     vendor.cpu_lane = backend  # testing hook: CPU tensors take the (fake) vendor lane
+    if name == "close_mid_op":
+        async with sc.init_process_group(f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=60,
+                                         backend=backend) as comm:
+            with anyio.fail_after(OP_SECONDS * 2):
+                report(**await close_mid_op(comm))
+        return
     result: dict[str, Any] = {}
     async with sc.init_process_group(f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=60,
                                      backend=backend) as comm:

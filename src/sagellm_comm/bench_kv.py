@@ -426,19 +426,15 @@ def d2d_gbps(nbytes: int, src_gpu: int = 0, dst_gpu: int = 0) -> float:
     dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst_gpu}")
     dst.copy_(src)
     torch.cuda.synchronize(dst_gpu)
-    with torch.cuda.device(src_gpu):
-        return _timed_copies(torch, dst, src, nbytes)
-
-
-def _timed_copies(torch: Any, dst: Any, src: Any, nbytes: int) -> float:
     times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    with torch.cuda.device(src_gpu):  # a copy between GPUs runs on the source's current stream
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
     return float(nbytes / statistics.median(times) / 1e9)
 
 
@@ -450,14 +446,13 @@ def ceilings(s: Settings) -> dict[str, dict[str, float]]:
         if s.device == "cuda":
             from .bench_gpu import pcie_gbps
 
-            if s.gpus == 2:  # the copy the transfer competes with: GPU 0 straight into GPU 1
+            with _one_gpu(s.gpus == 1):
                 pcie = pcie_gbps(nbytes)
-                out[str(tokens)] = {"d2d_gbps": d2d_gbps(nbytes, 0, 1), "same_gpu_gbps": d2d_gbps(nbytes),
-                                    "h2d_gbps": pcie["h2d"], "d2h_gbps": pcie["d2h"]}
-                continue
-            with _one_gpu(True):
-                pcie = pcie_gbps(nbytes)
-                out[str(tokens)] = {"d2d_gbps": d2d_gbps(nbytes), "h2d_gbps": pcie["h2d"], "d2h_gbps": pcie["d2h"]}
+                # with two GPUs, the copy the transfer competes with: GPU 0 straight into GPU 1
+                row = {"d2d_gbps": d2d_gbps(nbytes, 0, s.gpus - 1), "h2d_gbps": pcie["h2d"], "d2h_gbps": pcie["d2h"]}
+                if s.gpus == 2:
+                    row["same_gpu_gbps"] = d2d_gbps(nbytes)
+                out[str(tokens)] = row
         else:
             from .bench_transports import memcpy_gbps
 

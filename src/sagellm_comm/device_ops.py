@@ -247,6 +247,7 @@ class DeviceOps:
 
     async def await_work(self, lane: TorchLane, work: Any, key: str) -> None:
         """Wait for `work` from the loop; on any failure or cancellation abort the lane."""
+        lane.waiting += 1
         try:
             if lane.polled:
                 # NCCL's wait() would cost ~30 us of host time per op (and only orders streams);
@@ -259,6 +260,8 @@ class DeviceOps:
             if isinstance(e, CommError) or not isinstance(e, Exception):
                 raise
             raise CommError(f"{lane.backend} failed: {e}") from e
+        finally:
+            lane.waiting -= 1
 
     async def _wait_in_thread(self, work: Any) -> None:
         """gloo: some of its works (send, recv, reduce_scatter) only progress inside wait()."""

@@ -436,9 +436,6 @@ class Communicator:
         """Drop every connection at once (world communicator) without goodbyes."""
         first = self._closed is None
         self._closed = self._closed or CommClosed(f"communicator {self.group_id!r} was aborted")
-        if self._device is not None:
-            for lane in self._device.release():
-                lane.abort()
         if self._owns_engine:
             self._engine.abort(self._closed)
             _trace.rank_closed(self.stats.rank)

@@ -129,6 +129,7 @@ class TorchLane:
         self.size = size
         self.priority = priority
         self.aborted = False
+        self.waiting = 0  # works being awaited on it now
         dist = _torch().distributed
         self._allreduce_opts: dict[str, Any] = {}
         self._dist = dist
@@ -174,11 +175,14 @@ class TorchLane:
         (in that order: the group may still talk to the store while it shuts down).
 
         Called when its communicator closes, so the group is destroyed while the interpreter
-        is whole (see `_close_live_lanes`). An aborted lane (a peer was lost) is left alone:
-        its backend may still be waiting on the dead peer, and destroying it would block
-        until the backend's own timeout.
+        is whole (see `_close_live_lanes`). An aborted lane (a peer was lost), or one with a
+        work still awaited (closed mid-op), is aborted and left alone instead: its backend may
+        be waiting on a peer that will not answer, and destroying it would block until the
+        backend's own timeout.
         """
         _live_lanes.discard(self)
+        if self.waiting:
+            self.abort()
         if self.aborted or self.pg is None:
             return
         self.aborted = True

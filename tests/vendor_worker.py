@@ -154,7 +154,7 @@ async def scenario(name: str, rank: int, world: int, port: int, backend: str) ->
                 await comm.all_reduce(arr)
                 result = dict(rank=comm.rank, error=error, message=message, host_ok=bool((arr == world).all()),
                               created=len(sys.modules[vendor.VENDORS[backend].package].created))
-            lanes = [lane for lane in comm._device_ops().device_lanes.values()]
+            lanes = list(comm._device_ops().device_lanes.values())
             await comm.barrier()
     # closing the communicator shut its process groups down and let go of them (a process
     # group left to interpreter finalization can abort the process as it exits)
